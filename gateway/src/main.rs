@@ -1,0 +1,155 @@
+//! `fastfusion-gateway`: reads its settings, opens the image store, connects to the workers (or
+//! starts one in-process from CONFIG_PATH when none is given), and serves the HTTP API until
+//! SIGTERM or Ctrl-C, finishing in-flight requests first.
+//!
+//! The log line `listening on http://ADDR` carries the bound address (the real port when
+//! FASTFUSION_PORT=0); end-to-end tests read it.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use clap::Parser;
+use fastfusion_gateway::config::{Args, Settings};
+use fastfusion_gateway::storage::LocalImageStore;
+use fastfusion_gateway::workers::{GrpcWorkerPool, PoolSettings};
+use fastfusion_gateway::{router, AppState, HttpSettings};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // `{:#}` prints the whole context chain on one line, without a backtrace.
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
+    let settings = Args::parse().validate()?;
+    // RUST_LOG may add per-crate directives; FASTFUSION_LOGLEVEL sets the default level.
+    tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .with_env_filter(
+            EnvFilter::builder()
+                .with_default_directive(settings.log_level.into())
+                .from_env_lossy(),
+        )
+        .init();
+
+    let images = LocalImageStore::open(&settings.image_data_path)
+        .context("IMAGE_DATA_PATH: cannot use the image directory")?;
+    let (endpoints, embedded) = worker_endpoints(&settings).await?;
+    let workers = GrpcWorkerPool::start(&endpoints, PoolSettings::default())
+        .context("FASTFUSION_WORKERS: invalid worker endpoint")?;
+    tracing::info!(workers = ?endpoints, images = %settings.image_data_path.display(), "gateway configured");
+
+    let started_at = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let state = AppState {
+        workers: Arc::new(workers),
+        images: Arc::new(images),
+        http: Arc::new(HttpSettings {
+            base_url: settings.base_url.clone(),
+            request_timeout: settings.request_timeout,
+            max_body_bytes: settings.max_body_bytes,
+            started_at,
+        }),
+    };
+    let address = settings.bind_address();
+    let listener = tokio::net::TcpListener::bind(&address)
+        .await
+        .with_context(|| format!("FASTFUSION_HOST/FASTFUSION_PORT: cannot listen on {address}"))?;
+    let bound = listener.local_addr()?;
+    tracing::info!("listening on http://{bound}");
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving HTTP")?;
+    tracing::info!("HTTP server stopped");
+    stop_embedded(embedded).await;
+    Ok(())
+}
+
+#[cfg(feature = "embedded-worker")]
+type Embedded = fastfusion_worker::embedded::EmbeddedWorker;
+#[cfg(not(feature = "embedded-worker"))]
+type Embedded = std::convert::Infallible;
+
+/// The configured endpoints, or the endpoint of a worker started in-process from CONFIG_PATH.
+#[cfg(feature = "embedded-worker")]
+async fn worker_endpoints(settings: &Settings) -> anyhow::Result<(Vec<String>, Option<Embedded>)> {
+    if !settings.workers.is_empty() {
+        return Ok((settings.workers.clone(), None));
+    }
+    tracing::info!(config = %settings.config_path.display(), "no worker endpoints given: starting an embedded worker");
+    let worker = fastfusion_worker::embedded::start(&settings.config_path)
+        .await
+        .with_context(|| {
+            format!(
+                "CONFIG_PATH: cannot start the embedded worker from {}",
+                settings.config_path.display()
+            )
+        })?;
+    Ok((vec![worker.endpoint.clone()], Some(worker)))
+}
+
+#[cfg(not(feature = "embedded-worker"))]
+async fn worker_endpoints(settings: &Settings) -> anyhow::Result<(Vec<String>, Option<Embedded>)> {
+    if settings.workers.is_empty() {
+        anyhow::bail!(
+            "FASTFUSION_WORKERS (--worker): no worker endpoints given, and this build has no \
+             embedded worker (cargo feature `embedded-worker`)"
+        );
+    }
+    Ok((settings.workers.clone(), None))
+}
+
+#[cfg(feature = "embedded-worker")]
+async fn stop_embedded(embedded: Option<Embedded>) {
+    if let Some(worker) = embedded {
+        worker.shutdown().await;
+    }
+}
+
+#[cfg(not(feature = "embedded-worker"))]
+async fn stop_embedded(embedded: Option<Embedded>) {
+    if let Some(never) = embedded {
+        match never {}
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM (what Kubernetes and Docker send).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::error!(%error, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+}

@@ -1,0 +1,271 @@
+//! The OpenAI Images API wire types, as the openai-python SDK sends and receives them.
+//!
+//! [`ImageGenerationRequest`] is the raw `POST /v1/images/generations` body: every field optional
+//! so that `validation.rs` (not serde) decides what is missing and names it. Top-level extensions
+//! (seed, negative_prompt, guidance_scale, num_inference_steps, scheduler, lora_settings) sit beside
+//! OpenAI's own fields, as vLLM-Omni does. Unknown fields are ignored (the SDK gains new ones) and
+//! logged at debug by [`crate::extract`]. [`ImagesResponse`] is what OpenAI returns, plus the seed
+//! of each image.
+
+use serde::{Deserialize, Serialize};
+
+/// `POST /v1/images/generations` as received.
+///
+/// `moderation` is accepted for SDK compatibility and ignored: FastFusion runs no content filter.
+/// `style` and `user` are accepted and not used by the diffusion models.
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+pub struct ImageGenerationRequest {
+    pub prompt: Option<String>,
+    pub model: Option<String>,
+    pub n: Option<u32>,
+    /// `"WIDTHxHEIGHT"` or `"auto"` (the model's native size).
+    pub size: Option<String>,
+    /// A `generation_presets` name, or one of OpenAI's (standard, hd, low, medium, high, auto).
+    pub quality: Option<String>,
+    pub style: Option<String>,
+    pub user: Option<String>,
+    pub response_format: Option<ResponseFormat>,
+    pub output_format: Option<OutputFormat>,
+    pub output_compression: Option<u32>,
+    pub background: Option<Background>,
+    pub moderation: Option<String>,
+    /// Streaming responses come in a later issue; `true` is refused with a 400 naming `stream`.
+    pub stream: Option<bool>,
+    pub partial_images: Option<u32>,
+    // Extensions.
+    pub seed: Option<u64>,
+    pub negative_prompt: Option<String>,
+    pub guidance_scale: Option<f64>,
+    pub num_inference_steps: Option<u32>,
+    pub scheduler: Option<String>,
+    pub lora_settings: Option<Vec<LoraSetting>>,
+}
+
+impl ImageGenerationRequest {
+    /// Every field name the gateway understands; others are ignored and logged at debug.
+    pub const FIELDS: &'static [&'static str] = &[
+        "prompt",
+        "model",
+        "n",
+        "size",
+        "quality",
+        "style",
+        "user",
+        "response_format",
+        "output_format",
+        "output_compression",
+        "background",
+        "moderation",
+        "stream",
+        "partial_images",
+        "seed",
+        "negative_prompt",
+        "guidance_scale",
+        "num_inference_steps",
+        "scheduler",
+        "lora_settings",
+    ];
+}
+
+/// One entry of `lora_settings`: a LoRA adapter name from the model config and its weight.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct LoraSetting {
+    pub name: String,
+    #[serde(default = "default_lora_weight")]
+    pub weight: f64,
+}
+
+fn default_lora_weight() -> f64 {
+    1.0
+}
+
+/// How images come back: a link to `/v1/images/data/{id}` or the bytes inline as base64.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResponseFormat {
+    #[default]
+    Url,
+    B64Json,
+}
+
+/// The encoding of the returned images.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputFormat {
+    #[default]
+    Png,
+    Jpeg,
+    Webp,
+}
+
+impl OutputFormat {
+    /// File extension used by the image store (`jpg`, as OpenAI's own file names use).
+    pub fn extension(self) -> &'static str {
+        match self {
+            OutputFormat::Png => "png",
+            OutputFormat::Jpeg => "jpg",
+            OutputFormat::Webp => "webp",
+        }
+    }
+
+    /// The inverse of [`OutputFormat::extension`].
+    pub fn from_extension(extension: &str) -> Option<Self> {
+        match extension {
+            "png" => Some(OutputFormat::Png),
+            "jpg" => Some(OutputFormat::Jpeg),
+            "webp" => Some(OutputFormat::Webp),
+            _ => None,
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            OutputFormat::Png => "image/png",
+            OutputFormat::Jpeg => "image/jpeg",
+            OutputFormat::Webp => "image/webp",
+        }
+    }
+
+    /// The name used in requests and responses.
+    pub fn name(self) -> &'static str {
+        match self {
+            OutputFormat::Png => "png",
+            OutputFormat::Jpeg => "jpeg",
+            OutputFormat::Webp => "webp",
+        }
+    }
+
+    pub fn to_proto(self) -> fastfusion_proto::OutputFormat {
+        match self {
+            OutputFormat::Png => fastfusion_proto::OutputFormat::Png,
+            OutputFormat::Jpeg => fastfusion_proto::OutputFormat::Jpeg,
+            OutputFormat::Webp => fastfusion_proto::OutputFormat::Webp,
+        }
+    }
+
+    pub fn from_proto(format: fastfusion_proto::OutputFormat) -> Self {
+        match format {
+            fastfusion_proto::OutputFormat::Png => OutputFormat::Png,
+            fastfusion_proto::OutputFormat::Jpeg => OutputFormat::Jpeg,
+            fastfusion_proto::OutputFormat::Webp => OutputFormat::Webp,
+        }
+    }
+}
+
+/// OpenAI's `background`; diffusion models here paint opaque images only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Background {
+    Transparent,
+    Opaque,
+    Auto,
+}
+
+/// The response of every image endpoint.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ImagesResponse {
+    /// Unix seconds.
+    pub created: u64,
+    pub data: Vec<ImageData>,
+    /// `"WIDTHxHEIGHT"` actually generated.
+    pub size: String,
+    pub output_format: OutputFormat,
+    /// The quality asked for (a preset or OpenAI name), `"auto"` when none was.
+    pub quality: String,
+}
+
+/// One generated image: exactly one of `url` and `b64_json` is set.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ImageData {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub b64_json: Option<String>,
+    /// Extension: the seed that reproduces this image.
+    pub seed: u64,
+}
+
+/// `GET /v1/models`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ModelList {
+    /// Always `"list"`.
+    pub object: String,
+    pub data: Vec<Model>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Model {
+    pub id: String,
+    /// Always `"model"`.
+    pub object: String,
+    /// Unix seconds; the gateway's start time (workers report no creation date).
+    pub created: u64,
+    pub owned_by: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_lists_every_request_field() {
+        let full = ImageGenerationRequest {
+            prompt: Some(String::new()),
+            model: Some(String::new()),
+            n: Some(1),
+            size: Some(String::new()),
+            quality: Some(String::new()),
+            style: Some(String::new()),
+            user: Some(String::new()),
+            response_format: Some(ResponseFormat::Url),
+            output_format: Some(OutputFormat::Png),
+            output_compression: Some(1),
+            background: Some(Background::Auto),
+            moderation: Some(String::new()),
+            stream: Some(false),
+            partial_images: Some(0),
+            seed: Some(1),
+            negative_prompt: Some(String::new()),
+            guidance_scale: Some(1.0),
+            num_inference_steps: Some(1),
+            scheduler: Some(String::new()),
+            lora_settings: Some(Vec::new()),
+        };
+        let value = serde_json::to_value(full).expect("serializes");
+        let mut keys: Vec<&str> = value
+            .as_object()
+            .map(|o| o.keys().map(String::as_str).collect())
+            .unwrap_or_default();
+        keys.sort_unstable();
+        let mut fields = ImageGenerationRequest::FIELDS.to_vec();
+        fields.sort_unstable();
+        assert_eq!(keys, fields);
+    }
+
+    #[test]
+    fn wire_names_match_openai() {
+        let request: ImageGenerationRequest = serde_json::from_str(
+            r#"{"response_format":"b64_json","output_format":"webp","background":"opaque",
+                "lora_settings":[{"name":"a"}]}"#,
+        )
+        .expect("parses");
+        assert_eq!(request.response_format, Some(ResponseFormat::B64Json));
+        assert_eq!(request.output_format, Some(OutputFormat::Webp));
+        assert_eq!(request.background, Some(Background::Opaque));
+        let loras = request.lora_settings.unwrap_or_default();
+        assert_eq!(loras.len(), 1);
+        assert_eq!(loras[0].weight, 1.0);
+    }
+
+    #[test]
+    fn extensions_round_trip() {
+        for format in [OutputFormat::Png, OutputFormat::Jpeg, OutputFormat::Webp] {
+            assert_eq!(
+                OutputFormat::from_extension(format.extension()),
+                Some(format)
+            );
+            assert_eq!(OutputFormat::from_proto(format.to_proto()), format);
+        }
+        assert_eq!(OutputFormat::from_extension("jpeg"), None);
+    }
+}

@@ -1,0 +1,35 @@
+//! HTTP handlers, one module per resource. Each takes `State<AppState>` and returns
+//! `Result<_, ApiError>`, so every failure leaves in OpenAI's error shape.
+//!
+//! ```text
+//! generations.rs  POST /v1/images/generations   validate → worker stream → store or inline
+//! images.rs       GET  /v1/images/data/{id}     stored images for response_format=url
+//! models.rs       GET  /v1/models               OpenAI's model list
+//! probes.rs       GET  /health, /ready          liveness and worker readiness
+//! ```
+//! Unknown routes and methods are answered here too, in the same error shape.
+
+pub mod generations;
+pub mod images;
+pub mod models;
+pub mod probes;
+
+use axum::http::{Method, Uri};
+
+use crate::error::ApiError;
+
+/// Fallback for paths no route matches.
+pub async fn route_not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::RouteNotFound {
+        method: method.to_string(),
+        path: uri.path().to_string(),
+    }
+}
+
+/// Fallback for a known path with a method it does not serve.
+pub async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed {
+        method: method.to_string(),
+        path: uri.path().to_string(),
+    }
+}

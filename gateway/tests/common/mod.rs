@@ -1,0 +1,285 @@
+//! Shared test doubles: a fake [`WorkerPool`] that answers with real encoded images, and helpers
+//! to drive the router without sockets.
+
+use std::io::Cursor;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, Request, StatusCode};
+use fastfusion_gateway::openai::OutputFormat;
+use fastfusion_gateway::storage::LocalImageStore;
+use fastfusion_gateway::workers::{resolve_model, EventStream, WorkerPool};
+use fastfusion_gateway::{router, ApiError, AppState, HttpSettings};
+use fastfusion_proto::generate_event::Event;
+use fastfusion_proto::{
+    Defaults, Done, GenerateEvent, GenerateRequest, Image, InfoResponse, Limits, Preset, Progress,
+    Started, Task, Timings,
+};
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+
+/// The seed the fake reports when a request gives none.
+pub const RANDOM_SEED: u64 = 987_654_321;
+/// Side of the fake's images, whatever size was asked for (the gateway does not look inside).
+pub const IMAGE_SIDE: u32 = 8;
+
+/// How the fake answers `generate`.
+#[derive(Clone)]
+pub enum Behaviour {
+    /// Queued, started, progress, n images, done.
+    Succeed,
+    /// The call fails with this status.
+    Fail(tonic::Status),
+    /// The stream never ends.
+    Hang,
+    /// Images, but one fewer than asked.
+    ShortChange,
+}
+
+pub struct FakePool {
+    pub info: Arc<InfoResponse>,
+    pub ready: bool,
+    pub behaviour: Behaviour,
+    /// Every request `generate` received, in order.
+    pub seen: Mutex<Vec<GenerateRequest>>,
+}
+
+impl FakePool {
+    pub fn new(behaviour: Behaviour) -> Self {
+        FakePool {
+            info: Arc::new(tiny_info()),
+            ready: true,
+            behaviour,
+            seen: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn last_request(&self) -> GenerateRequest {
+        self.seen
+            .lock()
+            .expect("lock")
+            .last()
+            .cloned()
+            .expect("a generate call")
+    }
+}
+
+pub fn tiny_info() -> InfoResponse {
+    InfoResponse {
+        model_id: "tiny-sd".into(),
+        source: "tests/fixtures/tiny-sd".into(),
+        tasks: vec![Task::TextToImage as i32],
+        max_n: 3,
+        presets: vec![Preset {
+            name: "hd".into(),
+            guidance_scale: 5.0,
+            num_inference_steps: 50,
+        }],
+        loras: vec![],
+        native_width: 512,
+        native_height: 512,
+        limits: Some(Limits {
+            max_pixels: 1024 * 1024,
+            size_multiple: 8,
+            max_steps: 150,
+            max_queue: 8,
+            max_batch: 4,
+            max_prompt_tokens: 77,
+        }),
+        defaults: Some(Defaults {
+            guidance_scale: 7.5,
+            num_inference_steps: 20,
+            scheduler: "pndm".into(),
+            strength: 0.8,
+        }),
+        schedulers: vec!["pndm".into(), "euler".into()],
+        ..Default::default()
+    }
+}
+
+/// A real `IMAGE_SIDE`² image in `format`, its colour derived from `index`.
+pub fn encode_image(index: u32, format: OutputFormat) -> Vec<u8> {
+    let shade = (index * 60 % 256) as u8;
+    let image = image::RgbImage::from_pixel(IMAGE_SIDE, IMAGE_SIDE, image::Rgb([shade, 100, 200]));
+    let mut out = Cursor::new(Vec::new());
+    let format = match format {
+        OutputFormat::Png => image::ImageFormat::Png,
+        OutputFormat::Jpeg => image::ImageFormat::Jpeg,
+        OutputFormat::Webp => image::ImageFormat::WebP,
+    };
+    image.write_to(&mut out, format).expect("encode");
+    out.into_inner()
+}
+
+fn event(event: Event) -> Result<GenerateEvent, ApiError> {
+    Ok(GenerateEvent { event: Some(event) })
+}
+
+#[async_trait::async_trait]
+impl WorkerPool for FakePool {
+    fn models(&self) -> Vec<String> {
+        vec![self.info.model_id.clone()]
+    }
+
+    async fn info(&self, requested: Option<&str>) -> Result<Arc<InfoResponse>, ApiError> {
+        resolve_model(&[Arc::clone(&self.info)], requested)
+    }
+
+    async fn generate(
+        &self,
+        model: &str,
+        request: GenerateRequest,
+    ) -> Result<EventStream, ApiError> {
+        assert_eq!(model, self.info.model_id);
+        self.seen.lock().expect("lock").push(request.clone());
+        let format = fastfusion_proto::OutputFormat::try_from(request.output_format)
+            .map(OutputFormat::from_proto)
+            .expect("known format");
+        let seed = request.seed.unwrap_or(RANDOM_SEED);
+        let count = match self.behaviour {
+            Behaviour::Fail(ref status) => return Err(ApiError::from(status.clone())),
+            Behaviour::Hang => return Ok(Box::pin(futures::stream::pending())),
+            Behaviour::Succeed => request.n,
+            Behaviour::ShortChange => request.n - 1,
+        };
+        let mut events = vec![
+            event(Event::Queued(Default::default())),
+            event(Event::Started(Started {
+                seed,
+                batch_size: request.n,
+                num_inference_steps: request.num_inference_steps.unwrap_or(20),
+                guidance_scale: request.guidance_scale.unwrap_or(7.5),
+                scheduler: "pndm".into(),
+            })),
+            event(Event::Progress(Progress { step: 1, total: 1 })),
+        ];
+        // Images arrive out of order: the gateway must sort them by index.
+        for index in (0..count).rev() {
+            events.push(event(Event::Image(Image {
+                index,
+                data: encode_image(index, format),
+                format: format.to_proto() as i32,
+                width: IMAGE_SIDE,
+                height: IMAGE_SIDE,
+                seed,
+                partial_index: 0,
+            })));
+        }
+        events.push(event(Event::Done(Done {
+            timings: Some(Timings::default()),
+        })));
+        Ok(Box::pin(futures::stream::iter(events)))
+    }
+
+    async fn ready(&self) -> bool {
+        self.ready
+    }
+}
+
+/// A router over `pool` and a fresh image directory (kept alive by the returned guard).
+pub fn app_with(pool: Arc<FakePool>, base_url: Option<&str>, max_body_bytes: usize) -> TestApp {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = LocalImageStore::open(dir.path()).expect("store");
+    let state = AppState {
+        workers: pool.clone(),
+        images: Arc::new(store),
+        http: Arc::new(HttpSettings {
+            base_url: base_url.map(str::to_string),
+            request_timeout: Duration::from_millis(300),
+            max_body_bytes,
+            started_at: 1_700_000_000,
+        }),
+    };
+    TestApp {
+        router: router(state),
+        pool,
+        _dir: dir,
+    }
+}
+
+pub fn app(behaviour: Behaviour) -> TestApp {
+    app_with(Arc::new(FakePool::new(behaviour)), None, 64 * 1024)
+}
+
+pub struct TestApp {
+    pub router: axum::Router,
+    pub pool: Arc<FakePool>,
+    _dir: tempfile::TempDir,
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    /// Asserts OpenAI's error shape and returns `error.param`.
+    pub fn error_param(&self, status: StatusCode) -> Option<String> {
+        assert_eq!(
+            self.status,
+            status,
+            "{}",
+            String::from_utf8_lossy(&self.body)
+        );
+        let body = self.json();
+        let error = body["error"].as_object().expect("error object");
+        assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert!(error["type"].is_string());
+        assert!(error.contains_key("param") && error.contains_key("code"));
+        error["param"].as_str().map(str::to_string)
+    }
+}
+
+impl TestApp {
+    pub async fn call(&self, method: &str, uri: &str, body: Option<&str>) -> Reply {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("host", "gateway.test:8123");
+        if body.is_some() {
+            request = request.header("content-type", "application/json");
+        }
+        let request = request
+            .body(body.map_or_else(Body::empty, |b| Body::from(b.to_string())))
+            .expect("request");
+        self.send(request).await
+    }
+
+    pub async fn send(&self, request: Request<Body>) -> Reply {
+        let response = self
+            .router
+            .clone()
+            .oneshot(request)
+            .await
+            .expect("infallible");
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    pub async fn generate(&self, body: &str) -> Reply {
+        self.call("POST", "/v1/images/generations", Some(body))
+            .await
+    }
+}

@@ -1,0 +1,250 @@
+//! Shared helpers for the end-to-end tests: they start the real `fastfusion-gateway` and
+//! `fastfusion-worker` binaries on ephemeral ports and talk to them over HTTP.
+//!
+//! The binaries are the ones `cargo test --workspace` builds next to the test executables
+//! (`target/<profile>/`). Every process is killed when its [`Process`] is dropped, so a failing test
+//! leaves nothing running.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(".."))
+}
+
+/// `tests/fixtures/...`
+pub fn fixture(rel: &str) -> PathBuf {
+    repo_root().join("tests/fixtures").join(rel)
+}
+
+/// Path of a workspace binary built by `cargo test --workspace` (same profile as this test).
+pub fn binary(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test-exe> → target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| anyhow!("unexpected test executable path {}", exe.display()))?;
+    let path = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    if !path.exists() {
+        bail!(
+            "{} is not built; run the tests with `cargo test --workspace` (it builds every binary)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A model_config.json for the tiny fixture model, written into `dir`.
+pub fn write_tiny_config(dir: &Path, extra_pipeline: serde_json::Value) -> Result<PathBuf> {
+    let mut pipeline = serde_json::json!({
+        "hf_model_id": fixture("models/tiny-sd15"),
+        "max_n": 3,
+        "torch_dtype_init": "float32",
+        "torch_dtype_run": "float32",
+        "torch_device": "cpu",
+        "enable_cpu_offload": false,
+        "enable_vae_slicing": false,
+        "enable_vae_tiling": false,
+        "global_guidance_scale": 7.5,
+        "global_num_inference_steps": 3,
+        "max_pixels": 128 * 128,
+        "generations_config": {"enabled": true},
+        "edits_config": {"enabled": false},
+        "variations_config": {"enabled": false}
+    });
+    if let (Some(base), Some(extra)) = (pipeline.as_object_mut(), extra_pipeline.as_object()) {
+        for (k, v) in extra {
+            base.insert(k.clone(), v.clone());
+        }
+    }
+    let config = serde_json::json!({
+        "name": "tiny-sd",
+        "pipeline": pipeline,
+        "generation_presets": {
+            "standard": {"guidance_scale": 7.5, "num_inference_steps": 3},
+            "hd": {"guidance_scale": 5.0, "num_inference_steps": 4},
+            "fast": {"guidance_scale": 1.0, "num_inference_steps": 2}
+        }
+    });
+    let path = dir.join("model_config.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&config)?)?;
+    Ok(path)
+}
+
+/// A child process that is killed on drop; its output lines are kept for diagnostics.
+pub struct Process {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+    name: String,
+}
+
+impl Process {
+    /// Starts `program` with `args` and `envs`, stdout and stderr captured.
+    pub fn spawn(program: &Path, args: &[&str], envs: &[(&str, &str)]) -> Result<Process> {
+        let mut command = Command::new(program);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // A stray variable from the developer's shell must not change what the test starts.
+        for var in [
+            "FASTFUSION_WORKERS",
+            "BASE_URL",
+            "CONFIG_PATH",
+            "IMAGE_DATA_PATH",
+            "FASTFUSION_PORT",
+            "FASTFUSION_HOST",
+            "FASTFUSION_API_KEYS",
+        ] {
+            command.env_remove(var);
+        }
+        command.env("FASTFUSION_LOGLEVEL", "info").env("NO_COLOR", "1");
+        for (k, v) in envs {
+            command.env(k, v);
+        }
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("starting {}", program.display()))?;
+        let (tx, lines) = mpsc::channel();
+        for stream in [
+            child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        let name = program
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Ok(Process {
+            child,
+            lines,
+            seen: Vec::new(),
+            name,
+        })
+    }
+
+    /// Waits for an output line containing `marker` and returns the text after it.
+    pub fn wait_for(&mut self, marker: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let found = line.find(marker).map(|i| line[i + marker.len()..].trim().to_string());
+                    self.seen.push(line);
+                    if let Some(rest) = found {
+                        return Ok(rest);
+                    }
+                }
+                Err(_) => bail!(
+                    "{} did not print '{marker}' within {timeout:?}; output:\n{}",
+                    self.name,
+                    self.output()
+                ),
+            }
+        }
+    }
+
+    /// The address from a `listening on ...` log line (`http://` prefix stripped).
+    pub fn wait_listening(&mut self, timeout: Duration) -> Result<String> {
+        let rest = self.wait_for("listening on ", timeout)?;
+        let addr = rest.trim_start_matches("http://");
+        let addr = addr.split_whitespace().next().unwrap_or(addr);
+        Ok(addr.trim_end_matches(['"', '\'', ',', '}']).to_string())
+    }
+
+    /// Everything printed so far.
+    pub fn output(&mut self) -> String {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+        self.seen.join("\n")
+    }
+
+    /// Whether the process has exited, and how.
+    pub fn try_wait(&mut self) -> Result<Option<std::process::ExitStatus>> {
+        Ok(self.child.try_wait()?)
+    }
+
+    /// Sends SIGTERM-equivalent (kill) and waits.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `url` until it answers 200 or `timeout` passes.
+pub fn wait_http_ok(client: &reqwest::blocking::Client, url: &str, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        match client.get(url).send() {
+            Ok(r) if r.status().is_success() => return Ok(()),
+            Ok(r) => last = format!("status {}", r.status()),
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("{url} not ready within {timeout:?}: {last}")
+}
+
+/// Decodes an image and checks it is not flat (a real generated picture has variance).
+pub fn decode_image(bytes: &[u8]) -> Result<image::RgbImage> {
+    Ok(image::load_from_memory(bytes)?.to_rgb8())
+}
+
+/// Per-channel standard deviation of all pixels, averaged.
+pub fn pixel_std(img: &image::RgbImage) -> f64 {
+    let n = (img.width() * img.height()) as f64;
+    let mut total = 0.0;
+    for c in 0..3 {
+        let values: Vec<f64> = img.pixels().map(|p| f64::from(p.0[c])).collect();
+        let mean = values.iter().sum::<f64>() / n;
+        let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+        total += var.sqrt();
+    }
+    total / 3.0
+}
+
+/// Largest per-channel difference between two images of the same size.
+pub fn max_pixel_diff(a: &image::RgbImage, b: &image::RgbImage) -> Result<u8> {
+    if a.dimensions() != b.dimensions() {
+        bail!("sizes differ: {:?} vs {:?}", a.dimensions(), b.dimensions());
+    }
+    Ok(a
+        .as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap_or(0))
+}

@@ -1,0 +1,62 @@
+//! Which pipeline serves a model, behind one object-safe seam for the engine.
+//!
+//! The engine only sees [`Backend`]; this module picks the implementation from the model's
+//! files (today: the Stable Diffusion 1.x/2.x family; SDXL and FLUX slot in here by
+//! `model_index.json`'s `_class_name`).
+
+use std::path::Path;
+
+use fastfusion_proto::ModelFamily;
+use image::RgbImage;
+
+use crate::error::Result;
+use crate::pipelines::stable_diffusion::{Family, LoadOptions, Progress, StableDiffusion, TextToImage};
+use crate::schedulers::SchedulerKind;
+
+/// What the loaded model is and what it accepts; reported through `Info`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelDescription {
+    pub family: ModelFamily,
+    /// The resolution the model was trained at (`size: auto`).
+    pub native_width: u32,
+    pub native_height: u32,
+    /// Width and height must be multiples of this.
+    pub size_multiple: u32,
+    pub max_prompt_tokens: u32,
+    /// The repo's own scheduler.
+    pub default_scheduler: SchedulerKind,
+}
+
+/// A loaded model that can make images. Runs on the model thread only (synchronous).
+pub trait Backend: Send {
+    fn description(&self) -> ModelDescription;
+    fn text_to_image(&self, req: &TextToImage, progress: &mut dyn Progress) -> Result<Vec<RgbImage>>;
+}
+
+/// Loads the pipeline that fits the model directory `dir`.
+pub fn load(dir: &Path, options: &LoadOptions) -> Result<Box<dyn Backend>> {
+    Ok(Box::new(StableDiffusion::load(dir, options)?))
+}
+
+impl Backend for StableDiffusion {
+    fn description(&self) -> ModelDescription {
+        let (native_width, native_height) = self.native_size();
+        ModelDescription {
+            family: match self.family() {
+                Family::Sd1 => ModelFamily::Sd1,
+                Family::Sd2 => ModelFamily::Sd2,
+            },
+            native_width,
+            native_height,
+            // OpenAI clients and the contract speak in multiples of 8 even where a tiny
+            // test VAE would allow less.
+            size_multiple: self.size_multiple().max(8),
+            max_prompt_tokens: self.max_prompt_tokens() as u32,
+            default_scheduler: self.default_scheduler(),
+        }
+    }
+
+    fn text_to_image(&self, req: &TextToImage, progress: &mut dyn Progress) -> Result<Vec<RgbImage>> {
+        StableDiffusion::text_to_image(self, req, progress)
+    }
+}

@@ -1,0 +1,33 @@
+//! FastFusion's model worker: one diffusion model on candle behind a gRPC service.
+//!
+//! Data flows top to bottom:
+//!
+//! ```text
+//! service.rs     gRPC adapter: GenerateRequest → ValidJob, WorkerError → tonic::Status, grpc.health.v1
+//! engine.rs      the job actor: bounded FIFO queue, one model thread, progress and cancellation
+//! pipelines/     text-to-image (and later image-to-image, inpaint) on the loaded model
+//! models/        unet, vae, clip text encoder, tokenizer — built from diffusers config.json files
+//! schedulers/    the denoising step rules, each matching its diffusers class
+//! rng.rs         torch's CPU generator, so a seed gives the same noise as diffusers
+//! encode.rs      RGB pixels → PNG / JPEG / WebP bytes
+//! config.rs      model_config.json (the seed's schema) · hub.rs model resolution · device.rs
+//! ```
+//!
+//! `embedded.rs` runs the same service in-process for the gateway's single-machine default;
+//! `main.rs` is the `fastfusion-worker` CLI (serve, generate, bench).
+
+pub mod backend;
+pub mod bench;
+pub mod config;
+pub mod device;
+pub mod embedded;
+pub mod encode;
+pub mod engine;
+pub mod error;
+pub mod hub;
+pub mod models;
+pub mod pipelines;
+pub mod rng;
+pub mod schedulers;
+pub mod service;
+pub mod startup;

@@ -1,0 +1,21 @@
+//! Model components built from a diffusers repo's files.
+//!
+//! ```text
+//! config.rs     serde mirrors of unet/vae/text_encoder config.json → candle configs (or a
+//!               ModelLoad error naming the unsupported key)
+//! weights.rs    safetensors files → candle VarBuilder in the requested dtype
+//! clip.rs       the CLIP text transformer (quick_gelu or gelu), our own: candle's lacks gelu
+//! tokenizer.rs  tokenizer.json, or CLIP BPE from vocab.json + merges.txt; bos/eos/pad, truncation
+//! unet.rs       the SD 1.x/2.x UNet: candle's resnets and time embedding, our blocks
+//! transformer.rs  the UNet's spatial transformer (exact-GELU GEGLU, as diffusers)
+//! ```
+//!
+//! The VAE is candle-transformers' `AutoEncoderKL`, configured from `config.rs`; pipelines put
+//! the pieces together.
+
+pub mod clip;
+pub mod config;
+pub mod tokenizer;
+pub mod transformer;
+pub mod unet;
+pub mod weights;

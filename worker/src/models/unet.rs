@@ -1,0 +1,396 @@
+//! The conditional UNet of Stable Diffusion 1.x/2.x (diffusers `UNet2DConditionModel`).
+//!
+//! ```text
+//! t ─sinusoids (f32)─▶ time MLP ─▶ temb            text embeds ─▶ every Transformer2D
+//! x ─conv_in─▶ down blocks (resnets [+ transformers], downsample) ──▶ mid (resnet, transformer,
+//!   resnet) ──▶ up blocks (concat skip, resnets [+ transformers], upsample) ─▶ norm, silu, conv_out
+//! ```
+//!
+//! Built from candle's plain-data `UNet2DConditionModelConfig` (filled from the repo's
+//! `unet/config.json` by `config.rs`). The resnets and time embedding are candle's; the blocks and
+//! the transformer are ours: candle's transformer uses tanh-approximated GELU, its plain down/up
+//! blocks ignore `norm_num_groups`, and it computes the timestep sinusoids in the model dtype where
+//! diffusers uses float32.
+
+use candle_core::{Module, Tensor, D};
+use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
+use candle_transformers::models::stable_diffusion::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
+use candle_transformers::models::stable_diffusion::unet_2d::UNet2DConditionModelConfig;
+
+use super::transformer::{Transformer2D, Transformer2DConfig};
+
+fn padded(padding: usize) -> Conv2dConfig {
+    Conv2dConfig {
+        padding,
+        ..Default::default()
+    }
+}
+
+/// Stride-2 3×3 convolution halving the feature map.
+#[derive(Debug)]
+struct Downsample {
+    conv: Conv2d,
+    /// With `downsample_padding = 0` diffusers pads only the right and bottom edges by one.
+    pad_right_bottom: bool,
+}
+
+impl Downsample {
+    fn new(vb: VarBuilder, channels: usize, padding: usize) -> candle_core::Result<Self> {
+        let cfg = Conv2dConfig {
+            stride: 2,
+            padding,
+            ..Default::default()
+        };
+        Ok(Self {
+            conv: conv2d(channels, channels, 3, cfg, vb.pp("conv"))?,
+            pad_right_bottom: padding == 0,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        if self.pad_right_bottom {
+            let xs = xs.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(D::Minus2, 0, 1)?;
+            self.conv.forward(&xs)
+        } else {
+            self.conv.forward(xs)
+        }
+    }
+}
+
+/// Nearest-neighbour ×2 (or to the skip connection's size) then a 3×3 convolution.
+#[derive(Debug)]
+struct Upsample {
+    conv: Conv2d,
+}
+
+impl Upsample {
+    fn new(vb: VarBuilder, channels: usize) -> candle_core::Result<Self> {
+        Ok(Self {
+            conv: conv2d(channels, channels, 3, padded(1), vb.pp("conv"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, size: Option<(usize, usize)>) -> candle_core::Result<Tensor> {
+        let (_, _, h, w) = xs.dims4()?;
+        let (h, w) = size.unwrap_or((2 * h, 2 * w));
+        self.conv.forward(&xs.upsample_nearest2d(h, w)?)
+    }
+}
+
+/// What every resnet and transformer of the UNet shares.
+#[derive(Debug, Clone, Copy)]
+struct Shared {
+    temb_channels: usize,
+    groups: usize,
+    eps: f64,
+    context_dim: usize,
+    use_linear_projection: bool,
+}
+
+impl Shared {
+    fn resnet(
+        &self,
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        output_scale_factor: f64,
+    ) -> candle_core::Result<ResnetBlock2D> {
+        let cfg = ResnetBlock2DConfig {
+            out_channels: Some(out_channels),
+            temb_channels: Some(self.temb_channels),
+            groups: self.groups,
+            groups_out: None,
+            eps: self.eps,
+            use_in_shortcut: None,
+            output_scale_factor,
+        };
+        ResnetBlock2D::new(vb, in_channels, cfg)
+    }
+
+    /// `depth = None`: the block has no attention.
+    fn transformers(
+        &self,
+        vb: VarBuilder,
+        count: usize,
+        channels: usize,
+        heads: usize,
+        depth: Option<usize>,
+    ) -> candle_core::Result<Vec<Transformer2D>> {
+        let Some(depth) = depth else {
+            return Ok(Vec::new());
+        };
+        let cfg = Transformer2DConfig {
+            channels,
+            heads,
+            depth,
+            context_dim: self.context_dim,
+            groups: self.groups,
+            use_linear_projection: self.use_linear_projection,
+        };
+        (0..count)
+            .map(|i| Transformer2D::new(vb.pp(i.to_string()), cfg))
+            .collect()
+    }
+}
+
+/// `DownBlock2D` (no transformers) or `CrossAttnDownBlock2D`.
+#[derive(Debug)]
+struct DownBlock {
+    resnets: Vec<ResnetBlock2D>,
+    /// Empty for a plain block; else one per resnet.
+    attentions: Vec<Transformer2D>,
+    downsample: Option<Downsample>,
+}
+
+impl DownBlock {
+    /// Returns the block output and pushes every intermediate state onto `skips`.
+    fn forward(
+        &self,
+        xs: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+        skips: &mut Vec<Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let mut xs = xs.clone();
+        for (i, resnet) in self.resnets.iter().enumerate() {
+            xs = resnet.forward(&xs, Some(temb))?;
+            if let Some(attn) = self.attentions.get(i) {
+                xs = attn.forward(&xs, context)?;
+            }
+            skips.push(xs.clone());
+        }
+        if let Some(down) = &self.downsample {
+            xs = down.forward(&xs)?;
+            skips.push(xs.clone());
+        }
+        Ok(xs)
+    }
+}
+
+/// `UpBlock2D` (no transformers) or `CrossAttnUpBlock2D`.
+#[derive(Debug)]
+struct UpBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2D>,
+    upsample: Option<Upsample>,
+}
+
+impl UpBlock {
+    /// Consumes one skip connection per resnet from the end of `skips`.
+    fn forward(
+        &self,
+        xs: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+        skips: &mut Vec<Tensor>,
+        upsample_size: Option<(usize, usize)>,
+    ) -> candle_core::Result<Tensor> {
+        let mut xs = xs.clone();
+        for (i, resnet) in self.resnets.iter().enumerate() {
+            let skip = skips
+                .pop()
+                .ok_or_else(|| candle_core::Error::Msg("UNet ran out of skip connections".into()))?;
+            xs = resnet.forward(&Tensor::cat(&[&xs, &skip], 1)?, Some(temb))?;
+            if let Some(attn) = self.attentions.get(i) {
+                xs = attn.forward(&xs, context)?;
+            }
+        }
+        match &self.upsample {
+            Some(up) => up.forward(&xs, upsample_size),
+            None => Ok(xs),
+        }
+    }
+}
+
+/// `UNetMidBlock2DCrossAttn`: resnet, then (transformer, resnet) once.
+#[derive(Debug)]
+struct MidBlock {
+    first: ResnetBlock2D,
+    attention: Transformer2D,
+    second: ResnetBlock2D,
+}
+
+/// Stable Diffusion's denoising UNet.
+#[derive(Debug)]
+pub struct UNet {
+    time_proj: Timesteps,
+    time_embedding: TimestepEmbedding,
+    conv_in: Conv2d,
+    down_blocks: Vec<DownBlock>,
+    mid_block: MidBlock,
+    up_blocks: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+    center_input_sample: bool,
+}
+
+impl UNet {
+    /// Builds the UNet; `cfg.blocks` must not be empty (`config.rs` guarantees it).
+    pub fn new(
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        cfg: &UNet2DConditionModelConfig,
+    ) -> candle_core::Result<Self> {
+        let blocks = &cfg.blocks;
+        let (Some(first), Some(last)) = (blocks.first(), blocks.last()) else {
+            return Err(candle_core::Error::Msg("UNet config has no blocks".into()));
+        };
+        let n = blocks.len();
+        let base = first.out_channels;
+        let shared = Shared {
+            temb_channels: base * 4,
+            groups: cfg.norm_num_groups,
+            eps: cfg.norm_eps,
+            context_dim: cfg.cross_attention_dim,
+            use_linear_projection: cfg.use_linear_projection,
+        };
+
+        let down_vb = vb.pp("down_blocks");
+        let mut down_blocks = Vec::with_capacity(n);
+        let mut channels = base;
+        for (i, block) in blocks.iter().enumerate() {
+            let vb = down_vb.pp(i.to_string());
+            let out = block.out_channels;
+            let resnets = (0..cfg.layers_per_block)
+                .map(|j| {
+                    let inp = if j == 0 { channels } else { out };
+                    shared.resnet(vb.pp("resnets").pp(j.to_string()), inp, out, 1.0)
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let attentions = shared.transformers(
+                vb.pp("attentions"),
+                cfg.layers_per_block,
+                out,
+                block.attention_head_dim,
+                block.use_cross_attn,
+            )?;
+            let downsample = if i + 1 < n {
+                Some(Downsample::new(vb.pp("downsamplers.0"), out, cfg.downsample_padding)?)
+            } else {
+                None
+            };
+            down_blocks.push(DownBlock {
+                resnets,
+                attentions,
+                downsample,
+            });
+            channels = out;
+        }
+
+        let mid_vb = vb.pp("mid_block");
+        let mid_channels = last.out_channels;
+        let mid_block = MidBlock {
+            first: shared.resnet(mid_vb.pp("resnets.0"), mid_channels, mid_channels, cfg.mid_block_scale_factor)?,
+            attention: Transformer2D::new(
+                mid_vb.pp("attentions.0"),
+                Transformer2DConfig {
+                    channels: mid_channels,
+                    heads: last.attention_head_dim,
+                    depth: last.use_cross_attn.unwrap_or(1),
+                    context_dim: shared.context_dim,
+                    groups: shared.groups,
+                    use_linear_projection: shared.use_linear_projection,
+                },
+            )?,
+            second: shared.resnet(mid_vb.pp("resnets.1"), mid_channels, mid_channels, cfg.mid_block_scale_factor)?,
+        };
+
+        let up_vb = vb.pp("up_blocks");
+        let mut up_blocks = Vec::with_capacity(n);
+        let mut prev_out = mid_channels;
+        for i in 0..n {
+            let block = &blocks[n - 1 - i];
+            let out = block.out_channels;
+            // The channels of the down block this one mirrors, i.e. of its last skip connection.
+            let skip_in = blocks[(n - 1 - i).saturating_sub(1)].out_channels;
+            let vb = up_vb.pp(i.to_string());
+            let layers = cfg.layers_per_block + 1;
+            let resnets = (0..layers)
+                .map(|j| {
+                    let skip = if j + 1 == layers { skip_in } else { out };
+                    let inp = if j == 0 { prev_out } else { out };
+                    shared.resnet(vb.pp("resnets").pp(j.to_string()), inp + skip, out, 1.0)
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let attentions = shared.transformers(
+                vb.pp("attentions"),
+                layers,
+                out,
+                block.attention_head_dim,
+                block.use_cross_attn,
+            )?;
+            let upsample = if i + 1 < n {
+                Some(Upsample::new(vb.pp("upsamplers.0"), out)?)
+            } else {
+                None
+            };
+            up_blocks.push(UpBlock {
+                resnets,
+                attentions,
+                upsample,
+            });
+            prev_out = out;
+        }
+
+        Ok(Self {
+            time_proj: Timesteps::new(base, cfg.flip_sin_to_cos, cfg.freq_shift),
+            time_embedding: TimestepEmbedding::new(vb.pp("time_embedding"), base, base * 4)?,
+            conv_in: conv2d(in_channels, base, 3, padded(1), vb.pp("conv_in"))?,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out: group_norm(cfg.norm_num_groups, base, cfg.norm_eps, vb.pp("conv_norm_out"))?,
+            conv_out: conv2d(base, out_channels, 3, padded(1), vb.pp("conv_out"))?,
+            center_input_sample: cfg.center_input_sample,
+        })
+    }
+
+    /// Predicts the noise (or v) for `xs` (b, c, h, w) at `timestep`, conditioned on
+    /// `context` (b, seq, dim). Runs in `xs`'s dtype.
+    pub fn forward(&self, xs: &Tensor, timestep: f64, context: &Tensor) -> candle_core::Result<Tensor> {
+        let (batch, _, h, w) = xs.dims4()?;
+        let dtype = xs.dtype();
+        let xs = if self.center_input_sample {
+            xs.affine(2.0, -1.0)?
+        } else {
+            xs.clone()
+        };
+        // The sinusoids in float32 like diffusers, then the MLP in the model dtype.
+        let t = Tensor::full(timestep as f32, batch, xs.device())?;
+        let temb = self.time_proj.forward(&t)?.to_dtype(dtype)?;
+        let temb = self.time_embedding.forward(&temb)?;
+        let context = context.to_dtype(dtype)?;
+
+        let mut xs = self.conv_in.forward(&xs)?;
+        let mut skips = vec![xs.clone()];
+        for block in &self.down_blocks {
+            xs = block.forward(&xs, &temb, &context, &mut skips)?;
+        }
+
+        let mid = &self.mid_block;
+        xs = mid.first.forward(&xs, Some(&temb))?;
+        xs = mid.attention.forward(&xs, &context)?;
+        xs = mid.second.forward(&xs, Some(&temb))?;
+
+        // When h or w is not a multiple of 2^(upsamplers), each upsample must land exactly on the
+        // size of the skip connection it is concatenated with next.
+        let factor = 1usize << self.up_blocks.len().saturating_sub(1);
+        let exact_sizes = h % factor != 0 || w % factor != 0;
+        for block in &self.up_blocks {
+            let remaining = skips.len().saturating_sub(block.resnets.len());
+            let upsample_size = match (exact_sizes, remaining.checked_sub(1).map(|i| &skips[i])) {
+                (true, Some(next)) => {
+                    let (_, _, sh, sw) = next.dims4()?;
+                    Some((sh, sw))
+                }
+                _ => None,
+            };
+            xs = block.forward(&xs, &temb, &context, &mut skips, upsample_size)?;
+        }
+
+        let xs = candle_nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
+        self.conv_out.forward(&xs)
+    }
+}

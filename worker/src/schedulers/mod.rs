@@ -1,0 +1,183 @@
+//! Noise schedulers: the step rule of the denoising loop.
+//!
+//! Each scheduler behaves as the diffusers class of its kind built `from_config` of a repo's
+//! `scheduler/scheduler_config.json`. The pipeline drives them through [`Scheduler`]:
+//!
+//! ```text
+//! let mut s = kind.build(&config, steps)?;
+//! latents = noise * s.init_noise_sigma();
+//! for i in 0..s.timesteps().len() {
+//!     let x = s.scale_model_input(&latents, i)?;
+//!     let eps = unet(x, s.timesteps()[i]);            // after classifier-free guidance
+//!     latents = s.step(&eps, i, &latents, &mut rng)?;  // converts v/epsilon predictions itself
+//! }
+//! ```
+//!
+//! Layout:
+//!
+//! ```text
+//! config.rs      SchedulerConfig (the JSON file, every key optional) and its typed readers
+//! schedule.rs    betas, alphas_cumprod, sigma tables, timestep spacings: diffusers' numbers exactly
+//! euler.rs       EulerDiscreteScheduler and EulerAncestralDiscreteScheduler
+//! ddim.rs        DDIMScheduler (eta = 0)
+//! pndm.rs        PNDMScheduler (PLMS, with or without the Runge–Kutta warm-up)
+//! dpm_solver.rs  DPMSolverMultistepScheduler (DPM-Solver++ 2M, optionally with Karras sigmas)
+//! ```
+//!
+//! Tables are built once in [`SchedulerKind::build`]; `step` only reads them, except for the
+//! multistep schedulers (PNDM, DPM-Solver) which keep the previous model outputs. Tensor math runs in
+//! float32 whatever the latents' dtype (diffusers upcasts the same way) and the result is cast back.
+//! Step indices are loop positions, so image-to-image simply starts the loop at a later index.
+
+mod config;
+mod ddim;
+mod dpm_solver;
+mod euler;
+mod pndm;
+mod schedule;
+#[cfg(test)]
+mod tests;
+
+pub use config::SchedulerConfig;
+
+use candle_core::{DType, Tensor};
+
+use crate::error::WorkerError;
+use crate::rng::TorchRng;
+
+/// One denoising schedule for a fixed number of inference steps.
+pub trait Scheduler: Send {
+    /// Timesteps passed to the UNet, in loop order (PNDM repeats one, as diffusers does).
+    fn timesteps(&self) -> &[f64];
+    /// Scale for the initial noise (sigma_max-ish for Euler/DPM-type sigmas schedulers, 1 for DDIM/PNDM).
+    fn init_noise_sigma(&self) -> f64;
+    /// The UNet input for loop step `step_index` (Euler-type schedulers divide by `sqrt(sigma² + 1)`).
+    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> candle_core::Result<Tensor>;
+    /// `model_output` is the UNet output after guidance; the scheduler converts epsilon / v_prediction / sample.
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+        rng: &mut TorchRng,
+    ) -> candle_core::Result<Tensor>;
+    /// Image-to-image: noise `original` to the level of `step_index` (diffusers add_noise at timesteps[step_index]).
+    fn add_noise(
+        &self,
+        original: &Tensor,
+        noise: &Tensor,
+        step_index: usize,
+    ) -> candle_core::Result<Tensor>;
+}
+
+/// The schedulers a request may name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SchedulerKind {
+    Euler,
+    EulerAncestral,
+    Ddim,
+    Pndm,
+    DpmPp2m,
+    DpmPp2mKarras,
+}
+
+impl SchedulerKind {
+    pub const ALL: [SchedulerKind; 6] = [
+        SchedulerKind::Euler,
+        SchedulerKind::EulerAncestral,
+        SchedulerKind::Ddim,
+        SchedulerKind::Pndm,
+        SchedulerKind::DpmPp2m,
+        SchedulerKind::DpmPp2mKarras,
+    ];
+
+    /// The name clients use in requests.
+    pub fn name(self) -> &'static str {
+        match self {
+            SchedulerKind::Euler => "euler",
+            SchedulerKind::EulerAncestral => "euler_ancestral",
+            SchedulerKind::Ddim => "ddim",
+            SchedulerKind::Pndm => "pndm",
+            SchedulerKind::DpmPp2m => "dpmpp_2m",
+            SchedulerKind::DpmPp2mKarras => "dpmpp_2m_karras",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.name() == name)
+    }
+
+    /// The kind a repo's scheduler_config.json `_class_name` (+ its use_karras_sigmas) means, if supported.
+    pub fn from_config(config: &SchedulerConfig) -> Option<Self> {
+        match config.class_name.as_deref()? {
+            "EulerDiscreteScheduler" => Some(SchedulerKind::Euler),
+            "EulerAncestralDiscreteScheduler" => Some(SchedulerKind::EulerAncestral),
+            "DDIMScheduler" => Some(SchedulerKind::Ddim),
+            "PNDMScheduler" => Some(SchedulerKind::Pndm),
+            "DPMSolverMultistepScheduler" => {
+                // Only DPM-Solver++ of order 2 is implemented; other variants are a different kind.
+                let plus_plus =
+                    config.algorithm_type.as_deref().unwrap_or("dpmsolver++") == "dpmsolver++";
+                let order_two = config.solver_order.unwrap_or(2) == 2;
+                match (
+                    plus_plus && order_two,
+                    config.use_karras_sigmas == Some(true),
+                ) {
+                    (false, _) => None,
+                    (true, false) => Some(SchedulerKind::DpmPp2m),
+                    (true, true) => Some(SchedulerKind::DpmPp2mKarras),
+                }
+            }
+            _ => None,
+        }
+    }
+
+    /// The scheduler of this kind for `num_inference_steps`, as diffusers builds it with
+    /// `Class.from_config(config, **overrides)` + `set_timesteps(num_inference_steps)`.
+    pub fn build(
+        self,
+        config: &SchedulerConfig,
+        num_inference_steps: usize,
+    ) -> Result<Box<dyn Scheduler>, WorkerError> {
+        Ok(match self {
+            SchedulerKind::Euler => Box::new(euler::Euler::discrete(config, num_inference_steps)?),
+            SchedulerKind::EulerAncestral => {
+                Box::new(euler::Euler::ancestral(config, num_inference_steps)?)
+            }
+            SchedulerKind::Ddim => Box::new(ddim::Ddim::new(config, num_inference_steps)?),
+            SchedulerKind::Pndm => Box::new(pndm::Pndm::new(config, num_inference_steps)?),
+            SchedulerKind::DpmPp2m => Box::new(dpm_solver::DpmSolver::new(
+                config,
+                num_inference_steps,
+                false,
+            )?),
+            SchedulerKind::DpmPp2mKarras => Box::new(dpm_solver::DpmSolver::new(
+                config,
+                num_inference_steps,
+                true,
+            )?),
+        })
+    }
+}
+
+/// Float32 view of a tensor for scheduler math.
+fn f32_of(t: &Tensor) -> candle_core::Result<Tensor> {
+    t.to_dtype(DType::F32)
+}
+
+/// `t * s` with a float32 scalar, as torch multiplies a float32 tensor by a 0-dim float32 tensor.
+fn mul(t: &Tensor, s: f32) -> candle_core::Result<Tensor> {
+    t.affine(f64::from(s), 0.0)
+}
+
+/// `t / s` with a float32 scalar (a true division, not a multiplication by the reciprocal).
+fn div(t: &Tensor, s: f32) -> candle_core::Result<Tensor> {
+    t.broadcast_div(&Tensor::new(s, t.device())?)
+}
+
+/// The error for a step index past the end of the schedule.
+fn index_error(step_index: usize, len: usize) -> candle_core::Error {
+    candle_core::Error::Msg(format!(
+        "scheduler step index {step_index} is out of range for {len} timesteps"
+    ))
+}
