@@ -169,6 +169,11 @@ impl WorkerHandle {
         }
     }
 
+    /// Whether the last Info came from a worker with its model loaded.
+    fn loaded(&self) -> bool {
+        self.info.borrow().as_ref().is_some_and(|info| info.loaded)
+    }
+
     fn model_id(&self) -> Option<String> {
         self.info
             .borrow()
@@ -214,7 +219,9 @@ impl GrpcWorkerPool {
                 let settings = settings.clone();
                 tokio::spawn(async move {
                     loop {
-                        let known = worker.refresh(settings.call_timeout).await;
+                        // A worker still loading its model is asked again soon: its Info
+                        // (native size, limits) is incomplete until then.
+                        let known = worker.refresh(settings.call_timeout).await && worker.loaded();
                         let pause = if known {
                             settings.refresh_every
                         } else {
@@ -265,7 +272,26 @@ impl WorkerPool for GrpcWorkerPool {
             let timeout = self.settings.call_timeout;
             futures::future::join_all(self.workers.iter().map(|w| w.refresh(timeout))).await;
         }
-        resolve_model(&self.known(), requested)
+        let info = resolve_model(&self.known(), requested)?;
+        if info.loaded {
+            return Ok(info);
+        }
+        // The cached Info predates the model load: ask the workers of that model again.
+        let timeout = self.settings.call_timeout;
+        let serving = self
+            .workers
+            .iter()
+            .filter(|w| w.model_id().as_deref() == Some(info.model_id.as_str()));
+        futures::future::join_all(serving.map(|w| w.refresh(timeout))).await;
+        let info = resolve_model(&self.known(), requested)?;
+        if info.loaded {
+            Ok(info)
+        } else {
+            Err(ApiError::Unavailable(format!(
+                "model '{}' is still loading",
+                info.model_id
+            )))
+        }
     }
 
     async fn generate(

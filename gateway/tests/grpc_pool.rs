@@ -32,6 +32,7 @@ impl Worker for FakeWorker {
             max_n: 2,
             native_width: 64,
             native_height: 64,
+            loaded: true,
             ..Default::default()
         }))
     }

@@ -110,7 +110,9 @@ impl Process {
         ] {
             command.env_remove(var);
         }
-        command.env("FASTFUSION_LOGLEVEL", "info").env("NO_COLOR", "1");
+        command
+            .env("FASTFUSION_LOGLEVEL", "info")
+            .env("NO_COLOR", "1");
         for (k, v) in envs {
             command.env(k, v);
         }
@@ -119,8 +121,14 @@ impl Process {
             .with_context(|| format!("starting {}", program.display()))?;
         let (tx, lines) = mpsc::channel();
         for stream in [
-            child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-            child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
         ]
         .into_iter()
         .flatten()
@@ -153,17 +161,21 @@ impl Process {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok(line) => {
-                    let found = line.find(marker).map(|i| line[i + marker.len()..].trim().to_string());
+                    let found = line
+                        .find(marker)
+                        .map(|i| line[i + marker.len()..].trim().to_string());
                     self.seen.push(line);
                     if let Some(rest) = found {
                         return Ok(rest);
                     }
                 }
-                Err(_) => bail!(
-                    "{} did not print '{marker}' within {timeout:?}; output:\n{}",
-                    self.name,
-                    self.output()
-                ),
+                Err(_) => {
+                    let output = self.output();
+                    bail!(
+                        "{} did not print '{marker}' within {timeout:?}; output:\n{output}",
+                        self.name
+                    )
+                }
             }
         }
     }
@@ -203,7 +215,11 @@ impl Drop for Process {
 }
 
 /// Polls `url` until it answers 200 or `timeout` passes.
-pub fn wait_http_ok(client: &reqwest::blocking::Client, url: &str, timeout: Duration) -> Result<()> {
+pub fn wait_http_ok(
+    client: &reqwest::blocking::Client,
+    url: &str,
+    timeout: Duration,
+) -> Result<()> {
     let deadline = Instant::now() + timeout;
     let mut last = String::new();
     while Instant::now() < deadline {
@@ -240,8 +256,7 @@ pub fn max_pixel_diff(a: &image::RgbImage, b: &image::RgbImage) -> Result<u8> {
     if a.dimensions() != b.dimensions() {
         bail!("sizes differ: {:?} vs {:?}", a.dimensions(), b.dimensions());
     }
-    Ok(a
-        .as_raw()
+    Ok(a.as_raw()
         .iter()
         .zip(b.as_raw())
         .map(|(x, y)| x.abs_diff(*y))

@@ -10,7 +10,9 @@ use fastfusion_proto::ModelFamily;
 use image::RgbImage;
 
 use crate::error::Result;
-use crate::pipelines::stable_diffusion::{Family, LoadOptions, Progress, StableDiffusion, TextToImage};
+use crate::pipelines::stable_diffusion::{
+    Family, LoadOptions, Progress, StableDiffusion, TextToImage,
+};
 use crate::schedulers::SchedulerKind;
 
 /// What the loaded model is and what it accepts; reported through `Info`.
@@ -30,7 +32,11 @@ pub struct ModelDescription {
 /// A loaded model that can make images. Runs on the model thread only (synchronous).
 pub trait Backend: Send {
     fn description(&self) -> ModelDescription;
-    fn text_to_image(&self, req: &TextToImage, progress: &mut dyn Progress) -> Result<Vec<RgbImage>>;
+    fn text_to_image(
+        &self,
+        req: &TextToImage,
+        progress: &mut dyn Progress,
+    ) -> Result<Vec<RgbImage>>;
 }
 
 /// Loads the pipeline that fits the model directory `dir`.
@@ -56,7 +62,11 @@ impl Backend for StableDiffusion {
         }
     }
 
-    fn text_to_image(&self, req: &TextToImage, progress: &mut dyn Progress) -> Result<Vec<RgbImage>> {
+    fn text_to_image(
+        &self,
+        req: &TextToImage,
+        progress: &mut dyn Progress,
+    ) -> Result<Vec<RgbImage>> {
         StableDiffusion::text_to_image(self, req, progress)
     }
 }

@@ -79,7 +79,11 @@ fn mean(total: Duration, count: usize) -> Duration {
 }
 
 /// Loads the model in `config` and times its stages.
-pub fn run(config: &ModelConfig, base_dir: Option<&Path>, settings: &BenchSettings) -> Result<BenchReport> {
+pub fn run(
+    config: &ModelConfig,
+    base_dir: Option<&Path>,
+    settings: &BenchSettings,
+) -> Result<BenchReport> {
     let started = Instant::now();
     let (dir, options) = startup::resolve(config, base_dir)?;
     let device = format!("{:?}", options.device);

@@ -31,7 +31,9 @@ pub fn encode(image: &RgbImage, format: OutputFormat, compression: Option<u32>) 
     let (w, h) = image.dimensions();
     let pixels = image.as_raw();
     let result = match format {
-        OutputFormat::Png => PngEncoder::new(&mut out).write_image(pixels, w, h, ExtendedColorType::Rgb8),
+        OutputFormat::Png => {
+            PngEncoder::new(&mut out).write_image(pixels, w, h, ExtendedColorType::Rgb8)
+        }
         OutputFormat::Jpeg => {
             // JPEG quality 0 is invalid for the encoder; OpenAI's 0 means "smallest".
             let quality = compression.map_or(DEFAULT_JPEG_QUALITY, |c| c.clamp(1, 100) as u8);
@@ -64,7 +66,9 @@ mod tests {
     use super::*;
 
     fn gradient() -> RgbImage {
-        RgbImage::from_fn(24, 16, |x, y| image::Rgb([(x * 10) as u8, (y * 15) as u8, 128]))
+        RgbImage::from_fn(24, 16, |x, y| {
+            image::Rgb([(x * 10) as u8, (y * 15) as u8, 128])
+        })
     }
 
     #[test]
@@ -89,8 +93,16 @@ mod tests {
         let img = gradient();
         let best = encode(&img, OutputFormat::Jpeg, Some(100))?;
         let worst = encode(&img, OutputFormat::Jpeg, Some(0))?;
-        assert_eq!(image::guess_format(&best).ok(), Some(image::ImageFormat::Jpeg));
-        assert!(worst.len() < best.len(), "{} !< {}", worst.len(), best.len());
+        assert_eq!(
+            image::guess_format(&best).ok(),
+            Some(image::ImageFormat::Jpeg)
+        );
+        assert!(
+            worst.len() < best.len(),
+            "{} !< {}",
+            worst.len(),
+            best.len()
+        );
         let decoded = image::load_from_memory(&best)
             .map_err(|e| WorkerError::Internal(e.to_string()))?
             .to_rgb8();
@@ -107,6 +119,8 @@ mod tests {
     #[test]
     fn compression_over_100_names_the_parameter() {
         let err = encode(&gradient(), OutputFormat::Jpeg, Some(101));
-        assert!(matches!(err, Err(WorkerError::InvalidArgument { ref param, .. }) if param == "output_compression"));
+        assert!(
+            matches!(err, Err(WorkerError::InvalidArgument { ref param, .. }) if param == "output_compression")
+        );
     }
 }

@@ -43,10 +43,22 @@ pub struct JobSpec {
 /// Everything a job reports back, in order. The stream ends after `Done` or `Failed`.
 #[derive(Debug)]
 pub enum JobEvent {
-    Queued { position: u32 },
-    Started { batch_size: u32 },
-    Progress { step: u32, total: u32 },
-    Image { index: u32, data: Vec<u8>, width: u32, height: u32 },
+    Queued {
+        position: u32,
+    },
+    Started {
+        batch_size: u32,
+    },
+    Progress {
+        step: u32,
+        total: u32,
+    },
+    Image {
+        index: u32,
+        data: Vec<u8>,
+        width: u32,
+        height: u32,
+    },
     Done(Timings),
     Failed(WorkerError),
 }
@@ -78,10 +90,14 @@ enum Command {
         reply: oneshot::Sender<Result<()>>,
     },
     /// The model thread is idle and wants the next job.
-    Next { reply: oneshot::Sender<Job> },
+    Next {
+        reply: oneshot::Sender<Job>,
+    },
     /// The model thread finished its job.
     Finished,
-    Load { reply: oneshot::Sender<Load> },
+    Load {
+        reply: oneshot::Sender<Load>,
+    },
 }
 
 /// Cloneable handle to the engine. Dropping every handle stops the queue actor and, after its
@@ -94,7 +110,9 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("state", &*self.state.borrow()).finish()
+        f.debug_struct("Engine")
+            .field("state", &*self.state.borrow())
+            .finish()
     }
 }
 
@@ -304,7 +322,9 @@ fn run_job(backend: &dyn Backend, job: Job) {
     let _ = job.events.send(JobEvent::Started {
         batch_size: job.spec.generation.n as u32,
     });
-    let mut progress = EventProgress { events: &job.events };
+    let mut progress = EventProgress {
+        events: &job.events,
+    };
     // A panic inside candle must not take the worker down with it.
     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
         backend.text_to_image(&job.spec.generation, &mut progress)

@@ -19,7 +19,12 @@ use fastfusion_worker::{bench, service, startup};
 #[command(name = "fastfusion-worker", version, about = "FastFusion model worker")]
 struct Cli {
     /// Log level (error, warn, info, debug, trace); the seed's WARNING/CRITICAL spellings work too.
-    #[arg(long, env = "FASTFUSION_LOGLEVEL", default_value = "info", global = true)]
+    #[arg(
+        long,
+        env = "FASTFUSION_LOGLEVEL",
+        default_value = "info",
+        global = true
+    )]
     log_level: String,
     #[command(subcommand)]
     command: Command,
@@ -32,7 +37,11 @@ enum Command {
         #[arg(long, env = "CONFIG_PATH", default_value = "model_config.json")]
         config: PathBuf,
         /// Address to listen on; port 0 picks a free one (the log says which).
-        #[arg(long, env = "FASTFUSION_WORKER_LISTEN", default_value = "0.0.0.0:50051")]
+        #[arg(
+            long,
+            env = "FASTFUSION_WORKER_LISTEN",
+            default_value = "0.0.0.0:50051"
+        )]
         listen: SocketAddr,
     },
     /// Generate images from a prompt and write them as PNG files.
@@ -174,7 +183,10 @@ async fn shutdown_signal() {
 /// The config and the directory its relative paths are resolved against.
 fn load_source(source: &ModelSource) -> Result<(ModelConfig, Option<PathBuf>)> {
     match (&source.config, &source.model) {
-        (Some(path), _) => Ok((startup::read_config(path)?, path.parent().map(Path::to_path_buf))),
+        (Some(path), _) => Ok((
+            startup::read_config(path)?,
+            path.parent().map(Path::to_path_buf),
+        )),
         (None, Some(model)) => Ok((ModelConfig::for_model(model), None)),
         (None, None) => Err(WorkerError::invalid("model", "give --model or --config")),
     }
@@ -195,28 +207,41 @@ fn generate(args: GenerateArgs) -> Result<()> {
         Some(size) => parse_size(size)?,
         None => (model.native_width as usize, model.native_height as usize),
     };
-    let scheduler = match args.scheduler.as_deref().or(config.pipeline.scheduler.as_deref()) {
-        Some(name) => fastfusion_worker::schedulers::SchedulerKind::from_name(name).ok_or_else(|| {
-            WorkerError::NotFound {
-                param: "scheduler".into(),
-                name: name.into(),
-            }
-        })?,
-        None => model.default_scheduler,
-    };
+    let scheduler =
+        match args
+            .scheduler
+            .as_deref()
+            .or(config.pipeline.scheduler.as_deref())
+        {
+            Some(name) => fastfusion_worker::schedulers::SchedulerKind::from_name(name)
+                .ok_or_else(|| WorkerError::NotFound {
+                    param: "scheduler".into(),
+                    name: name.into(),
+                })?,
+            None => model.default_scheduler,
+        };
     let request = fastfusion_worker::pipelines::stable_diffusion::TextToImage {
         prompt: args.prompt,
         negative_prompt: args.negative_prompt,
         n: args.n.max(1),
         width,
         height,
-        seed: args.seed.unwrap_or_else(|| u64::from(rand::random::<u32>())),
-        steps: args.steps.unwrap_or(config.pipeline.global_num_inference_steps),
-        guidance_scale: args.guidance.unwrap_or(config.pipeline.global_guidance_scale),
+        seed: args
+            .seed
+            .unwrap_or_else(|| u64::from(rand::random::<u32>())),
+        steps: args
+            .steps
+            .unwrap_or(config.pipeline.global_num_inference_steps),
+        guidance_scale: args
+            .guidance
+            .unwrap_or(config.pipeline.global_guidance_scale),
         scheduler,
     };
     let started = Instant::now();
-    let images = backend.text_to_image(&request, &mut fastfusion_worker::pipelines::stable_diffusion::NoProgress)?;
+    let images = backend.text_to_image(
+        &request,
+        &mut fastfusion_worker::pipelines::stable_diffusion::NoProgress,
+    )?;
     eprintln!(
         "seed {} · {} steps · {} · {:.2}s",
         request.seed,
@@ -240,8 +265,14 @@ fn generate(args: GenerateArgs) -> Result<()> {
 
 /// `out.png` → `out-2.png`.
 fn numbered(path: &Path, i: usize) -> PathBuf {
-    let stem = path.file_stem().map(|s| s.to_string_lossy()).unwrap_or_default();
-    let ext = path.extension().map(|s| s.to_string_lossy()).unwrap_or_else(|| "png".into());
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy())
+        .unwrap_or_default();
+    let ext = path
+        .extension()
+        .map(|s| s.to_string_lossy())
+        .unwrap_or_else(|| "png".into());
     path.with_file_name(format!("{stem}-{i}.{ext}"))
 }
 

@@ -48,7 +48,8 @@ impl WorkerService {
     /// Resolves defaults and checks every field against the config and the loaded model.
     fn validate(&self, req: GenerateRequest, model: &ModelDescription) -> Result<JobSpec> {
         let pipeline = &self.config.pipeline;
-        let task = Task::try_from(req.task).map_err(|_| WorkerError::invalid("task", "unknown task"))?;
+        let task =
+            Task::try_from(req.task).map_err(|_| WorkerError::invalid("task", "unknown task"))?;
         match task {
             Task::TextToImage if pipeline.generations_config.enabled => {}
             Task::TextToImage => return Err(WorkerError::TaskDisabled("image generation".into())),
@@ -70,7 +71,12 @@ impl WorkerService {
                 format!("must be between 1 and {max_n}, got {}", req.n),
             ));
         }
-        check_size(req.width, req.height, model.size_multiple, pipeline.max_pixels)?;
+        check_size(
+            req.width,
+            req.height,
+            model.size_multiple,
+            pipeline.max_pixels,
+        )?;
         let steps = req
             .num_inference_steps
             .map(|s| s as usize)
@@ -156,7 +162,11 @@ impl WorkerService {
         let default_scheduler = pipeline
             .scheduler
             .clone()
-            .or_else(|| description.as_ref().map(|d| d.default_scheduler.name().to_string()))
+            .or_else(|| {
+                description
+                    .as_ref()
+                    .map(|d| d.default_scheduler.name().to_string())
+            })
             .unwrap_or_default();
         InfoResponse {
             model_id: config.name.clone(),
@@ -197,7 +207,11 @@ impl WorkerService {
                 scheduler: default_scheduler,
                 strength: pipeline.default_strength as f32,
             }),
-            schedulers: SchedulerKind::ALL.iter().map(|k| k.name().to_string()).collect(),
+            schedulers: SchedulerKind::ALL
+                .iter()
+                .map(|k| k.name().to_string())
+                .collect(),
+            loaded: description.is_some(),
         }
     }
 }
@@ -205,7 +219,11 @@ impl WorkerService {
 /// Width and height: positive, multiples of the model's multiple, within the pixel budget.
 fn check_size(width: u32, height: u32, multiple: u32, max_pixels: u64) -> Result<()> {
     let multiple = multiple.max(1);
-    if width == 0 || height == 0 || width % multiple != 0 || height % multiple != 0 {
+    if width == 0
+        || height == 0
+        || !width.is_multiple_of(multiple)
+        || !height.is_multiple_of(multiple)
+    {
         return Err(WorkerError::invalid(
             "size",
             format!("{width}x{height}: width and height must be positive multiples of {multiple}"),
@@ -226,7 +244,9 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<GenerateEvent, Status>> + Se
 impl Worker for WorkerService {
     async fn info(&self, _: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
         let load = self.engine.load().await;
-        Ok(Response::new(self.info_response(&self.engine.state(), load)))
+        Ok(Response::new(
+            self.info_response(&self.engine.state(), load),
+        ))
     }
 
     type GenerateStream = EventStream;
@@ -292,8 +312,12 @@ impl Worker for WorkerService {
 impl From<WorkerError> for Status {
     fn from(e: WorkerError) -> Status {
         let mut status = match &e {
-            WorkerError::InvalidArgument { param, .. } => with_param(Status::invalid_argument(e.to_string()), param),
-            WorkerError::NotFound { param, .. } => with_param(Status::not_found(e.to_string()), param),
+            WorkerError::InvalidArgument { param, .. } => {
+                with_param(Status::invalid_argument(e.to_string()), param)
+            }
+            WorkerError::NotFound { param, .. } => {
+                with_param(Status::not_found(e.to_string()), param)
+            }
             WorkerError::TaskDisabled(_) => Status::failed_precondition(e.to_string()),
             WorkerError::QueueFull(_) => Status::resource_exhausted(e.to_string()),
             WorkerError::Unavailable(_) => Status::unavailable(e.to_string()),

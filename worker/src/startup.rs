@@ -35,7 +35,10 @@ pub fn resolve(config: &ModelConfig, base_dir: Option<&Path>) -> Result<(PathBuf
 }
 
 /// Loads the model that `config` names into a fresh backend (blocking: resolves and reads weights).
-pub fn load_backend(config: &ModelConfig, base_dir: Option<&Path>) -> Result<Box<dyn backend::Backend>> {
+pub fn load_backend(
+    config: &ModelConfig,
+    base_dir: Option<&Path>,
+) -> Result<Box<dyn backend::Backend>> {
     let (dir, options) = resolve(config, base_dir)?;
     backend::load(&dir, &options)
 }
@@ -44,5 +47,7 @@ pub fn load_backend(config: &ModelConfig, base_dir: Option<&Path>) -> Result<Box
 pub fn start_engine(config: Arc<ModelConfig>, base_dir: Option<&Path>) -> Engine {
     let base_dir = base_dir.map(Path::to_path_buf);
     let max_queue = config.pipeline.max_queue;
-    Engine::start(max_queue, move || load_backend(&config, base_dir.as_deref()))
+    Engine::start(max_queue, move || {
+        load_backend(&config, base_dir.as_deref())
+    })
 }

@@ -66,12 +66,19 @@ fn manifest() -> Result<Vec<Case>, Box<dyn std::error::Error>> {
 }
 
 fn load(model: &str) -> Result<StableDiffusion, Box<dyn std::error::Error>> {
+    load_as(model, DType::F32)
+}
+
+fn load_as(model: &str, dtype: DType) -> Result<StableDiffusion, Box<dyn std::error::Error>> {
     let opts = LoadOptions {
         device: Device::Cpu,
-        dtype: DType::F32,
+        dtype,
         source_name: model.to_owned(),
     };
-    Ok(StableDiffusion::load(&fixtures().join("models").join(model), &opts)?)
+    Ok(StableDiffusion::load(
+        &fixtures().join("models").join(model),
+        &opts,
+    )?)
 }
 
 /// Largest per-channel difference between two images of the same size.
@@ -96,7 +103,12 @@ fn every_reference_case_matches_diffusers() -> TestResult {
         }
         let model = &models[&case.model];
         let images = model.text_to_image(&case.request()?, &mut NoProgress)?;
-        assert_eq!(images.len(), case.images.len(), "{}: image count", case.name);
+        assert_eq!(
+            images.len(),
+            case.images.len(),
+            "{}: image count",
+            case.name
+        );
         for (image, file) in images.iter().zip(&case.images) {
             let reference = image::open(fixtures().join("references").join(file))?.to_rgb8();
             if image.dimensions() != reference.dimensions() {
@@ -115,7 +127,11 @@ fn every_reference_case_matches_diffusers() -> TestResult {
             }
         }
     }
-    assert!(failures.is_empty(), "images differ from diffusers:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "images differ from diffusers:\n{}",
+        failures.join("\n")
+    );
     Ok(())
 }
 
@@ -134,8 +150,14 @@ fn tokenizers_match_transformers() -> TestResult {
     let mut failures = Vec::new();
     for case in &cases {
         if !tokenizers.contains_key(&case.model) {
-            let dir = fixtures().join("models").join(&case.model).join("tokenizer");
-            tokenizers.insert(case.model.clone(), ClipTokenizer::load(&case.model, &dir, 77)?);
+            let dir = fixtures()
+                .join("models")
+                .join(&case.model)
+                .join("tokenizer");
+            tokenizers.insert(
+                case.model.clone(),
+                ClipTokenizer::load(&case.model, &dir, 77)?,
+            );
         }
         let ids = tokenizers[&case.model].encode(&case.text)?;
         if ids != case.input_ids {
@@ -147,9 +169,16 @@ fn tokenizers_match_transformers() -> TestResult {
     }
     // Both tokenizer sources are covered: tokenizer.json (tiny-sd15), vocab + merges (tiny-sd2-v).
     for model in ["tiny-sd15", "tiny-sd2-v"] {
-        assert!(tokenizers.contains_key(model), "tokens.json has no {model} case");
+        assert!(
+            tokenizers.contains_key(model),
+            "tokens.json has no {model} case"
+        );
     }
-    assert!(failures.is_empty(), "token ids differ:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "token ids differ:\n{}",
+        failures.join("\n")
+    );
     Ok(())
 }
 
@@ -160,7 +189,8 @@ fn tensors(case: &str) -> Result<HashMap<String, Tensor>, Box<dyn std::error::Er
 }
 
 fn get<'a>(map: &'a HashMap<String, Tensor>, key: &str) -> Result<&'a Tensor, String> {
-    map.get(key).ok_or_else(|| format!("tensor fixture has no {key}"))
+    map.get(key)
+        .ok_or_else(|| format!("tensor fixture has no {key}"))
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32, candle_core::Error> {
@@ -183,13 +213,17 @@ fn stages_match_the_saved_tensors() -> TestResult {
         let model = &models[&case.model];
 
         // Token ids: row 0 is the negative prompt, row 1 the prompt.
-        let dir = fixtures().join("models").join(&case.model).join("tokenizer");
+        let dir = fixtures()
+            .join("models")
+            .join(&case.model)
+            .join("tokenizer");
         let tokenizer = ClipTokenizer::load(&case.model, &dir, 77)?;
         let negative = case.negative_prompt.clone().unwrap_or_default();
-        let ours: Vec<Vec<u32>> = vec![tokenizer.encode(&negative)?, tokenizer.encode(&case.prompt)?];
-        let theirs: Vec<Vec<u32>> = get(&saved, "input_ids")?
-            .to_dtype(DType::U32)?
-            .to_vec2()?;
+        let ours: Vec<Vec<u32>> = vec![
+            tokenizer.encode(&negative)?,
+            tokenizer.encode(&case.prompt)?,
+        ];
+        let theirs: Vec<Vec<u32>> = get(&saved, "input_ids")?.to_dtype(DType::U32)?.to_vec2()?;
         assert_eq!(ours, theirs, "{name}: input_ids");
 
         // Prompt embeddings, in the same row order.
@@ -256,7 +290,10 @@ fn a_seed_reproduces_its_image_and_another_seed_does_not() -> TestResult {
     let again = model.text_to_image(&small_request(3), &mut NoProgress)?;
     let other = model.text_to_image(&small_request(4), &mut NoProgress)?;
     assert_eq!(first, again);
-    assert!(max_diff(&first[0], &other[0]) > TOLERANCE, "seeds 3 and 4 gave the same image");
+    assert!(
+        max_diff(&first[0], &other[0]) > TOLERANCE,
+        "seeds 3 and 4 gave the same image"
+    );
     Ok(())
 }
 
@@ -267,7 +304,10 @@ fn sizes_and_cancellation_are_checked() -> TestResult {
     assert_eq!(model.native_size(), (64, 64));
     assert_eq!(model.default_scheduler(), SchedulerKind::Ddim);
     assert_eq!(model.max_prompt_tokens(), 75);
-    let odd = TextToImage { width: 33, ..small_request(1) };
+    let odd = TextToImage {
+        width: 33,
+        ..small_request(1)
+    };
     match model.text_to_image(&odd, &mut NoProgress) {
         Err(fastfusion_worker::error::WorkerError::InvalidArgument { param, .. }) => {
             assert_eq!(param, "size")
@@ -275,7 +315,10 @@ fn sizes_and_cancellation_are_checked() -> TestResult {
         other => panic!("expected an invalid size error, got {other:?}"),
     }
     // 66 px is 33 latents: the UNet's upsampler must land on the odd skip size, not on 32 or 34.
-    let odd_latents = TextToImage { width: 66, ..small_request(1) };
+    let odd_latents = TextToImage {
+        width: 66,
+        ..small_request(1)
+    };
     let images = model.text_to_image(&odd_latents, &mut NoProgress)?;
     assert_eq!(images[0].dimensions(), (66, 32));
     let mut cancel = CancelAfterFirst(0);
@@ -284,4 +327,42 @@ fn sizes_and_cancellation_are_checked() -> TestResult {
         other => panic!("expected cancellation, got {other:?}"),
     }
     Ok(())
+}
+
+#[test]
+fn half_precision_stays_close_to_float32() -> TestResult {
+    // The UNet, VAE and text encoder run in float16; latents and scheduler math stay float32.
+    let request = TextToImage {
+        width: 64,
+        height: 64,
+        steps: 3,
+        ..small_request(5)
+    };
+    let full = load("tiny-sd2-v")?.text_to_image(&request, &mut NoProgress)?;
+    let half = load_as("tiny-sd2-v", DType::F16)?.text_to_image(&request, &mut NoProgress)?;
+    let diff = max_diff(&full[0], &half[0]);
+    assert!(diff <= 8, "float16 differs from float32 by {diff}/255");
+    Ok(())
+}
+
+#[test]
+fn a_directory_without_a_model_is_a_model_load_error() {
+    let opts = LoadOptions {
+        device: Device::Cpu,
+        dtype: DType::F32,
+        source_name: "not-a-model".to_owned(),
+    };
+    let dir = fixtures().join("models");
+    match StableDiffusion::load(&dir, &opts) {
+        Err(fastfusion_worker::error::WorkerError::ModelLoad {
+            source_name, file, ..
+        }) => {
+            assert_eq!(source_name, "not-a-model");
+            assert_eq!(file, dir.join("text_encoder/config.json"));
+        }
+        other => panic!(
+            "expected a ModelLoad error, got {:?}",
+            other.map(|m| m.family())
+        ),
+    }
 }

@@ -54,7 +54,9 @@ impl EncoderLayer {
         let normed = self.layer_norm1.forward(xs)?;
         // (b, t, h) -> (b, heads, t, head_dim)
         let split = |x: Tensor| -> candle_core::Result<Tensor> {
-            x.reshape((b, t, heads, head_dim))?.transpose(1, 2)?.contiguous()
+            x.reshape((b, t, heads, head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
         };
         let q = split((self.q_proj.forward(&normed)? * (head_dim as f64).powf(-0.5))?)?;
         let k = split(self.k_proj.forward(&normed)?)?;
@@ -94,8 +96,11 @@ impl ClipTextTransformer {
         let h = config.hidden_size;
         let emb = vb.pp("embeddings");
         let token_embedding = embedding(config.vocab_size, h, emb.pp("token_embedding"))?;
-        let position_embedding =
-            embedding(config.max_position_embeddings, h, emb.pp("position_embedding"))?;
+        let position_embedding = embedding(
+            config.max_position_embeddings,
+            h,
+            emb.pp("position_embedding"),
+        )?;
         let layers = (0..config.num_hidden_layers)
             .map(|i| EncoderLayer::new(vb.pp("encoder.layers").pp(i.to_string()), &config))
             .collect::<candle_core::Result<Vec<_>>>()?;
@@ -125,7 +130,12 @@ impl ClipTextTransformer {
             .broadcast_add(&self.position_embedding.forward(&positions)?)?;
         let mask = causal_mask(t, xs.dtype(), device)?;
         for layer in &self.layers {
-            xs = layer.forward(&xs, &mask, self.config.num_attention_heads, self.config.hidden_act)?;
+            xs = layer.forward(
+                &xs,
+                &mask,
+                self.config.num_attention_heads,
+                self.config.hidden_act,
+            )?;
         }
         self.final_layer_norm.forward(&xs)
     }

@@ -14,6 +14,11 @@ use serde::Deserialize;
 
 use crate::error::{Result, WorkerError};
 
+/// Whether `divisor` is non-zero and divides `n` (a zero from a config file must not panic).
+pub fn divides(divisor: usize, n: usize) -> bool {
+    n.checked_rem(divisor) == Some(0)
+}
+
 /// Reads and parses one JSON config file; `source_name` is only used in errors.
 pub fn read_json<T: DeserializeOwned>(source_name: &str, path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path)
@@ -49,7 +54,8 @@ pub struct UNetConfigFile {
     pub in_channels: usize,
     #[serde(default = "default_latent_channels")]
     pub out_channels: usize,
-    /// Latent side length the model was trained at (an int for SD; a `[h, w]` pair is rejected).
+    /// Latent side length the model was trained at (an int for SD; a `[h, w]` pair is rejected,
+    /// and so is a missing one: the default image size comes from it).
     pub sample_size: Option<serde_json::Value>,
     pub block_out_channels: Vec<usize>,
     pub down_block_types: Vec<String>,
@@ -167,13 +173,18 @@ fn default_resnet_time_scale_shift() -> String {
 pub struct UNetSpec {
     pub in_channels: usize,
     pub out_channels: usize,
-    /// Latent side length the model was trained at, if the config says.
-    pub sample_size: Option<usize>,
+    /// Latent side length the model was trained at.
+    pub sample_size: usize,
     pub candle: unet_2d::UNet2DConditionModelConfig,
 }
 
 /// Builds a `ModelLoad` error for an unsupported key of `file`.
-fn unsupported(source_name: &str, file: &Path, key: &str, why: impl std::fmt::Display) -> WorkerError {
+fn unsupported(
+    source_name: &str,
+    file: &Path,
+    key: &str,
+    why: impl std::fmt::Display,
+) -> WorkerError {
     WorkerError::model_load(source_name, file, format!("key '{key}': {why}"))
 }
 
@@ -182,8 +193,12 @@ impl UNetConfigFile {
     pub fn to_candle(&self, source_name: &str, file: &Path) -> Result<UNetSpec> {
         let bad = |key: &str, why: String| unsupported(source_name, file, key, why);
         let n = self.block_out_channels.len();
-        if n == 0 {
-            return Err(bad("block_out_channels", "is empty".into()));
+        // Each block halves the resolution; more than 8 would be a corrupt file (and overflow).
+        if n == 0 || n > 8 {
+            return Err(bad(
+                "block_out_channels",
+                format!("has {n} entries (1 to 8 supported)"),
+            ));
         }
         let lengths = [
             ("down_block_types", self.down_block_types.len()),
@@ -191,7 +206,10 @@ impl UNetConfigFile {
         ];
         for (key, len) in lengths {
             if len != n {
-                return Err(bad(key, format!("has {len} entries, block_out_channels has {n}")));
+                return Err(bad(
+                    key,
+                    format!("has {len} entries, block_out_channels has {n}"),
+                ));
             }
         }
         // Keys whose non-default values select architecture features candle's UNet lacks.
@@ -202,7 +220,10 @@ impl UNetConfigFile {
             ("encoder_hid_dim", self.encoder_hid_dim.is_some()),
             ("time_cond_proj_dim", self.time_cond_proj_dim.is_some()),
             ("time_embedding_dim", self.time_embedding_dim.is_some()),
-            ("time_embedding_act_fn", self.time_embedding_act_fn.is_some()),
+            (
+                "time_embedding_act_fn",
+                self.time_embedding_act_fn.is_some(),
+            ),
             ("timestep_post_act", self.timestep_post_act.is_some()),
             (
                 "reverse_transformer_layers_per_block",
@@ -214,41 +235,81 @@ impl UNetConfigFile {
         ];
         for (key, present) in absent {
             if present {
-                return Err(bad(key, "is not supported for Stable Diffusion 1.x/2.x".into()));
+                return Err(bad(
+                    key,
+                    "is not supported for Stable Diffusion 1.x/2.x".into(),
+                ));
             }
         }
         let fixed = [
             ("act_fn", self.act_fn.as_str(), "silu"),
-            ("time_embedding_type", self.time_embedding_type.as_str(), "positional"),
-            ("resnet_time_scale_shift", self.resnet_time_scale_shift.as_str(), "default"),
+            (
+                "time_embedding_type",
+                self.time_embedding_type.as_str(),
+                "positional",
+            ),
+            (
+                "resnet_time_scale_shift",
+                self.resnet_time_scale_shift.as_str(),
+                "default",
+            ),
         ];
         for (key, value, wanted) in fixed {
             if value != wanted {
-                return Err(bad(key, format!("'{value}' is not supported (only '{wanted}')")));
+                return Err(bad(
+                    key,
+                    format!("'{value}' is not supported (only '{wanted}')"),
+                ));
             }
         }
         if self.conv_in_kernel != 3 || self.conv_out_kernel != 3 {
-            return Err(bad("conv_in_kernel", "only 3x3 conv_in/conv_out are supported".into()));
+            return Err(bad(
+                "conv_in_kernel",
+                "only 3x3 conv_in/conv_out are supported".into(),
+            ));
         }
         if self.resnet_out_scale_factor != 1.0 {
-            return Err(bad("resnet_out_scale_factor", "only 1.0 is supported".into()));
+            return Err(bad(
+                "resnet_out_scale_factor",
+                "only 1.0 is supported".into(),
+            ));
         }
-        if self.only_cross_attention.expand(n).is_none_or(|v| v.iter().any(|&b| b)) {
-            return Err(bad("only_cross_attention", "only false is supported".into()));
+        if self
+            .only_cross_attention
+            .expand(n)
+            .is_none_or(|v| v.iter().any(|&b| b))
+        {
+            return Err(bad(
+                "only_cross_attention",
+                "only false is supported".into(),
+            ));
         }
         if self.mid_block_type.as_deref() != Some("UNetMidBlock2DCrossAttn") {
             return Err(bad(
                 "mid_block_type",
-                format!("{:?} is not supported (only UNetMidBlock2DCrossAttn)", self.mid_block_type),
+                format!(
+                    "{:?} is not supported (only UNetMidBlock2DCrossAttn)",
+                    self.mid_block_type
+                ),
             ));
         }
         let layers_per_block = match self.layers_per_block.expand(n) {
             Some(v) if v.iter().all(|&l| l == v[0]) => v[0],
-            _ => return Err(bad("layers_per_block", "must be one value for every block".into())),
+            _ => {
+                return Err(bad(
+                    "layers_per_block",
+                    "must be one value for every block".into(),
+                ))
+            }
         };
         let cross_attention_dim = match self.cross_attention_dim.expand(n) {
             Some(v) if v.iter().all(|&d| d == v[0]) => v[0],
-            _ => return Err(bad("cross_attention_dim", "must be one value for every block".into())),
+            _ => {
+                return Err(bad(
+                    "cross_attention_dim",
+                    "must be one value for every block".into(),
+                ))
+            }
         };
         let heads_key = if self.num_attention_heads.is_some() {
             "num_attention_heads"
@@ -283,14 +344,17 @@ impl UNetConfigFile {
                 }
             };
             let out_channels = self.block_out_channels[i];
-            if heads[i] == 0 || out_channels % heads[i] != 0 {
+            if !divides(heads[i], out_channels) {
                 return Err(bad(
                     heads_key,
                     format!("{} heads do not divide {out_channels} channels", heads[i]),
                 ));
             }
-            if out_channels % self.norm_num_groups != 0 {
-                return Err(bad("norm_num_groups", format!("does not divide {out_channels}")));
+            if !divides(self.norm_num_groups, out_channels) {
+                return Err(bad(
+                    "norm_num_groups",
+                    format!("does not divide {out_channels}"),
+                ));
             }
             blocks.push(unet_2d::BlockConfig {
                 out_channels,
@@ -298,14 +362,14 @@ impl UNetConfigFile {
                 attention_head_dim: heads[i],
             });
         }
-        let sample_size = match &self.sample_size {
-            None => None,
-            Some(v) => Some(
-                v.as_u64()
-                    .and_then(|s| usize::try_from(s).ok())
-                    .ok_or_else(|| bad("sample_size", format!("{v} is not a single integer")))?,
-            ),
-        };
+        // diffusers' pipeline derives its default image size from this; it cannot do without.
+        let sample_size = self
+            .sample_size
+            .as_ref()
+            .and_then(|v| v.as_u64())
+            .and_then(|s| usize::try_from(s).ok())
+            .filter(|&s| s > 0)
+            .ok_or_else(|| bad("sample_size", "must be a positive integer".into()))?;
         Ok(UNetSpec {
             in_channels: self.in_channels,
             out_channels: self.out_channels,
@@ -383,31 +447,64 @@ impl VaeConfigFile {
     pub fn to_candle(&self, source_name: &str, file: &Path) -> Result<VaeSpec> {
         let bad = |key: &str, why: String| unsupported(source_name, file, key, why);
         let n = self.block_out_channels.len();
-        if n == 0 {
-            return Err(bad("block_out_channels", "is empty".into()));
+        // Each block halves the resolution; more than 8 would be a corrupt file (and overflow).
+        if n == 0 || n > 8 {
+            return Err(bad(
+                "block_out_channels",
+                format!("has {n} entries (1 to 8 supported)"),
+            ));
         }
         for (key, types, wanted) in [
-            ("down_block_types", &self.down_block_types, "DownEncoderBlock2D"),
+            (
+                "down_block_types",
+                &self.down_block_types,
+                "DownEncoderBlock2D",
+            ),
             ("up_block_types", &self.up_block_types, "UpDecoderBlock2D"),
         ] {
             if types.len() != n || types.iter().any(|t| t != wanted) {
                 return Err(bad(key, format!("must be {n} x {wanted}")));
             }
         }
+        if self.out_channels != 3 {
+            return Err(bad(
+                "out_channels",
+                format!("{} is not 3 (RGB)", self.out_channels),
+            ));
+        }
         if self.shift_factor.is_some() {
-            return Err(bad("shift_factor", "is not supported for Stable Diffusion 1.x/2.x".into()));
+            return Err(bad(
+                "shift_factor",
+                "is not supported for Stable Diffusion 1.x/2.x".into(),
+            ));
         }
         if self.latents_mean.as_ref().is_some_and(|v| !v.is_null()) {
-            return Err(bad("latents_mean", "is not supported for Stable Diffusion 1.x/2.x".into()));
+            return Err(bad(
+                "latents_mean",
+                "is not supported for Stable Diffusion 1.x/2.x".into(),
+            ));
         }
         if !self.mid_block_add_attention {
-            return Err(bad("mid_block_add_attention", "only true is supported".into()));
+            return Err(bad(
+                "mid_block_add_attention",
+                "only true is supported".into(),
+            ));
         }
         if self.act_fn != "silu" {
-            return Err(bad("act_fn", format!("'{}' is not supported (only 'silu')", self.act_fn)));
+            return Err(bad(
+                "act_fn",
+                format!("'{}' is not supported (only 'silu')", self.act_fn),
+            ));
         }
-        if self.block_out_channels.iter().any(|c| c % self.norm_num_groups != 0) {
-            return Err(bad("norm_num_groups", "does not divide every block's channels".into()));
+        if self
+            .block_out_channels
+            .iter()
+            .any(|&c| !divides(self.norm_num_groups, c))
+        {
+            return Err(bad(
+                "norm_num_groups",
+                "does not divide every block's channels".into(),
+            ));
         }
         Ok(VaeSpec {
             in_channels: self.in_channels,
@@ -466,7 +563,7 @@ fn default_clip_eps() -> f64 {
 impl ClipTextConfig {
     /// Checks the values the encoder's shapes depend on.
     pub fn validate(&self, source_name: &str, file: &Path) -> Result<()> {
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if !divides(self.num_attention_heads, self.hidden_size) {
             return Err(unsupported(
                 source_name,
                 file,
@@ -475,7 +572,12 @@ impl ClipTextConfig {
             ));
         }
         if self.max_position_embeddings < 2 {
-            return Err(unsupported(source_name, file, "max_position_embeddings", "must be at least 2"));
+            return Err(unsupported(
+                source_name,
+                file,
+                "max_position_embeddings",
+                "must be at least 2",
+            ));
         }
         Ok(())
     }
@@ -494,20 +596,37 @@ mod tests {
     }
 
     fn map(json: &str) -> Result<UNetSpec> {
-        let cfg: UNetConfigFile = serde_json::from_str(json).map_err(|e| WorkerError::Internal(e.to_string()))?;
+        let cfg: UNetConfigFile =
+            serde_json::from_str(json).map_err(|e| WorkerError::Internal(e.to_string()))?;
         cfg.to_candle("test", Path::new("unet/config.json"))
     }
 
     #[test]
     fn unet_maps_heads_per_block_and_cross_attention() -> Result<()> {
-        let spec = map(&unet_json(r#","use_linear_projection":true,"transformer_layers_per_block":[1,3]"#))?;
+        let spec = map(&unet_json(
+            r#","use_linear_projection":true,"transformer_layers_per_block":[1,3]"#,
+        ))?;
         let blocks = &spec.candle.blocks;
         assert_eq!(blocks.len(), 2);
-        assert_eq!((blocks[0].out_channels, blocks[0].use_cross_attn, blocks[0].attention_head_dim), (32, None, 2));
-        assert_eq!((blocks[1].out_channels, blocks[1].use_cross_attn, blocks[1].attention_head_dim), (64, Some(3), 4));
+        assert_eq!(
+            (
+                blocks[0].out_channels,
+                blocks[0].use_cross_attn,
+                blocks[0].attention_head_dim
+            ),
+            (32, None, 2)
+        );
+        assert_eq!(
+            (
+                blocks[1].out_channels,
+                blocks[1].use_cross_attn,
+                blocks[1].attention_head_dim
+            ),
+            (64, Some(3), 4)
+        );
         assert!(spec.candle.use_linear_projection);
         assert_eq!(spec.candle.cross_attention_dim, 32);
-        assert_eq!(spec.sample_size, Some(32));
+        assert_eq!(spec.sample_size, 32);
         Ok(())
     }
 
@@ -522,12 +641,18 @@ mod tests {
     fn unet_rejects_sdxl_additions_naming_the_key() {
         let err = map(&unet_json(r#","addition_embed_type":"text_time""#)).err();
         let msg = err.map(|e| e.to_string()).unwrap_or_default();
-        assert!(msg.contains("unet/config.json") && msg.contains("addition_embed_type"), "{msg}");
+        assert!(
+            msg.contains("unet/config.json") && msg.contains("addition_embed_type"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn unet_rejects_unmirrored_blocks() {
-        let json = unet_json("").replace(r#"["CrossAttnUpBlock2D","UpBlock2D"]"#, r#"["UpBlock2D","UpBlock2D"]"#);
+        let json = unet_json("").replace(
+            r#"["CrossAttnUpBlock2D","UpBlock2D"]"#,
+            r#"["UpBlock2D","UpBlock2D"]"#,
+        );
         let msg = map(&json).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(msg.contains("down_block_types"), "{msg}");
     }
@@ -536,7 +661,8 @@ mod tests {
     fn vae_scale_factor_follows_block_count() -> Result<()> {
         let json = r#"{"block_out_channels":[128,256,512,512],"down_block_types":["DownEncoderBlock2D","DownEncoderBlock2D","DownEncoderBlock2D","DownEncoderBlock2D"],
             "up_block_types":["UpDecoderBlock2D","UpDecoderBlock2D","UpDecoderBlock2D","UpDecoderBlock2D"],"layers_per_block":2,"scaling_factor":0.13025,"use_post_quant_conv":false}"#;
-        let cfg: VaeConfigFile = serde_json::from_str(json).map_err(|e| WorkerError::Internal(e.to_string()))?;
+        let cfg: VaeConfigFile =
+            serde_json::from_str(json).map_err(|e| WorkerError::Internal(e.to_string()))?;
         let spec = cfg.to_candle("test", Path::new("vae/config.json"))?;
         assert_eq!(spec.scale_factor, 8);
         assert_eq!(spec.scaling_factor, 0.13025);

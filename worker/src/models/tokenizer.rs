@@ -24,7 +24,8 @@ const BOS: &str = "<|startoftext|>";
 const EOS: &str = "<|endoftext|>";
 /// CLIP's word split: special tokens, English contractions, letter runs, single digits, and runs
 /// of other non-space characters.
-const CLIP_SPLIT: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+const CLIP_SPLIT: &str =
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
 /// A special token in `tokenizer_config.json` / `special_tokens_map.json`: a bare string or an
 /// `AddedToken`-style object.
@@ -64,7 +65,8 @@ impl ClipTokenizer {
     pub fn load(source_name: &str, dir: &Path, max_len: usize) -> Result<Self> {
         let json = dir.join("tokenizer.json");
         let mut inner = if json.is_file() {
-            Tokenizer::from_file(&json).map_err(|e| WorkerError::model_load(source_name, &json, e))?
+            Tokenizer::from_file(&json)
+                .map_err(|e| WorkerError::model_load(source_name, &json, e))?
         } else {
             build_from_vocab(source_name, dir)?
         };
@@ -87,9 +89,19 @@ impl ClipTokenizer {
             ])
             .map_err(|e| WorkerError::model_load(source_name, dir, e))?;
         if max_len < 2 {
-            return Err(WorkerError::model_load(source_name, dir, "max length must be at least 2"));
+            return Err(WorkerError::model_load(
+                source_name,
+                dir,
+                "max length must be at least 2",
+            ));
         }
-        Ok(Self { inner, bos, eos, pad, max_len })
+        Ok(Self {
+            inner,
+            bos,
+            eos,
+            pad,
+            max_len,
+        })
     }
 
     /// Ids per encoded prompt (the text encoder's `max_position_embeddings`).
@@ -164,9 +176,12 @@ fn build_from_vocab(source_name: &str, dir: &Path) -> Result<Tokenizer> {
     let mut tokenizer = Tokenizer::new(model);
     let normalizer = NormalizerSequence::new(vec![
         NFC.into(),
-        Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".to_owned()), " ")
-            .map_err(fail)?
-            .into(),
+        Replace::new(
+            tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".to_owned()),
+            " ",
+        )
+        .map_err(fail)?
+        .into(),
         Lowercase.into(),
     ]);
     tokenizer.with_normalizer(Some(normalizer)).map_err(fail)?;
@@ -176,7 +191,8 @@ fn build_from_vocab(source_name: &str, dir: &Path) -> Result<Tokenizer> {
         true,
     )
     .map_err(fail)?;
-    let pre = PreTokenizerSequence::new(vec![split.into(), ByteLevel::new(false, true, true).into()]);
+    let pre =
+        PreTokenizerSequence::new(vec![split.into(), ByteLevel::new(false, true, true).into()]);
     tokenizer.with_pre_tokenizer(Some(pre));
     Ok(tokenizer)
 }
@@ -198,7 +214,10 @@ mod tests {
         for t in ["ca", "cat</w>", BOS, EOS] {
             vocab.insert(t.to_owned(), vocab.len().into());
         }
-        std::fs::write(dir.join("vocab.json"), serde_json::Value::Object(vocab).to_string())?;
+        std::fs::write(
+            dir.join("vocab.json"),
+            serde_json::Value::Object(vocab).to_string(),
+        )?;
         std::fs::write(dir.join("merges.txt"), "#version: 0.2\nc a\nca t</w>\n")?;
         std::fs::write(
             dir.join("tokenizer_config.json"),

@@ -60,9 +60,15 @@ impl Attention {
         let in_dtype = xs.dtype();
         // Scores and softmax in float32 whatever the model dtype (diffusers' upcast_attention),
         // so half-precision models do not overflow on large logits.
-        let q = self.split_heads(&self.to_q.forward(xs)?)?.to_dtype(DType::F32)?;
-        let k = self.split_heads(&self.to_k.forward(context)?)?.to_dtype(DType::F32)?;
-        let v = self.split_heads(&self.to_v.forward(context)?)?.to_dtype(DType::F32)?;
+        let q = self
+            .split_heads(&self.to_q.forward(xs)?)?
+            .to_dtype(DType::F32)?;
+        let k = self
+            .split_heads(&self.to_k.forward(context)?)?
+            .to_dtype(DType::F32)?;
+        let v = self
+            .split_heads(&self.to_v.forward(context)?)?
+            .to_dtype(DType::F32)?;
         let scores = (q.matmul(&k.t()?)? * self.scale)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let out = probs
@@ -130,7 +136,10 @@ impl BasicTransformerBlock {
 
     fn forward(&self, xs: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
         let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
-        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, Some(context))? + xs)?;
+        let xs = (self
+            .attn2
+            .forward(&self.norm2.forward(&xs)?, Some(context))?
+            + xs)?;
         self.ff.forward(&self.norm3.forward(&xs)?)? + xs
     }
 }

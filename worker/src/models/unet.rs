@@ -18,6 +18,7 @@ use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbeddin
 use candle_transformers::models::stable_diffusion::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
 use candle_transformers::models::stable_diffusion::unet_2d::UNet2DConditionModelConfig;
 
+use super::config::divides;
 use super::transformer::{Transformer2D, Transformer2DConfig};
 
 fn padded(padding: usize) -> Conv2dConfig {
@@ -50,7 +51,9 @@ impl Downsample {
 
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         if self.pad_right_bottom {
-            let xs = xs.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(D::Minus2, 0, 1)?;
+            let xs = xs
+                .pad_with_zeros(D::Minus1, 0, 1)?
+                .pad_with_zeros(D::Minus2, 0, 1)?;
             self.conv.forward(&xs)
         } else {
             self.conv.forward(xs)
@@ -188,9 +191,9 @@ impl UpBlock {
     ) -> candle_core::Result<Tensor> {
         let mut xs = xs.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
-            let skip = skips
-                .pop()
-                .ok_or_else(|| candle_core::Error::Msg("UNet ran out of skip connections".into()))?;
+            let skip = skips.pop().ok_or_else(|| {
+                candle_core::Error::Msg("UNet ran out of skip connections".into())
+            })?;
             xs = resnet.forward(&Tensor::cat(&[&xs, &skip], 1)?, Some(temb))?;
             if let Some(attn) = self.attentions.get(i) {
                 xs = attn.forward(&xs, context)?;
@@ -267,7 +270,11 @@ impl UNet {
                 block.use_cross_attn,
             )?;
             let downsample = if i + 1 < n {
-                Some(Downsample::new(vb.pp("downsamplers.0"), out, cfg.downsample_padding)?)
+                Some(Downsample::new(
+                    vb.pp("downsamplers.0"),
+                    out,
+                    cfg.downsample_padding,
+                )?)
             } else {
                 None
             };
@@ -282,7 +289,12 @@ impl UNet {
         let mid_vb = vb.pp("mid_block");
         let mid_channels = last.out_channels;
         let mid_block = MidBlock {
-            first: shared.resnet(mid_vb.pp("resnets.0"), mid_channels, mid_channels, cfg.mid_block_scale_factor)?,
+            first: shared.resnet(
+                mid_vb.pp("resnets.0"),
+                mid_channels,
+                mid_channels,
+                cfg.mid_block_scale_factor,
+            )?,
             attention: Transformer2D::new(
                 mid_vb.pp("attentions.0"),
                 Transformer2DConfig {
@@ -294,7 +306,12 @@ impl UNet {
                     use_linear_projection: shared.use_linear_projection,
                 },
             )?,
-            second: shared.resnet(mid_vb.pp("resnets.1"), mid_channels, mid_channels, cfg.mid_block_scale_factor)?,
+            second: shared.resnet(
+                mid_vb.pp("resnets.1"),
+                mid_channels,
+                mid_channels,
+                cfg.mid_block_scale_factor,
+            )?,
         };
 
         let up_vb = vb.pp("up_blocks");
@@ -341,7 +358,12 @@ impl UNet {
             down_blocks,
             mid_block,
             up_blocks,
-            conv_norm_out: group_norm(cfg.norm_num_groups, base, cfg.norm_eps, vb.pp("conv_norm_out"))?,
+            conv_norm_out: group_norm(
+                cfg.norm_num_groups,
+                base,
+                cfg.norm_eps,
+                vb.pp("conv_norm_out"),
+            )?,
             conv_out: conv2d(base, out_channels, 3, padded(1), vb.pp("conv_out"))?,
             center_input_sample: cfg.center_input_sample,
         })
@@ -349,7 +371,12 @@ impl UNet {
 
     /// Predicts the noise (or v) for `xs` (b, c, h, w) at `timestep`, conditioned on
     /// `context` (b, seq, dim). Runs in `xs`'s dtype.
-    pub fn forward(&self, xs: &Tensor, timestep: f64, context: &Tensor) -> candle_core::Result<Tensor> {
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        timestep: f64,
+        context: &Tensor,
+    ) -> candle_core::Result<Tensor> {
         let (batch, _, h, w) = xs.dims4()?;
         let dtype = xs.dtype();
         let xs = if self.center_input_sample {
@@ -377,7 +404,7 @@ impl UNet {
         // When h or w is not a multiple of 2^(upsamplers), each upsample must land exactly on the
         // size of the skip connection it is concatenated with next.
         let factor = 1usize << self.up_blocks.len().saturating_sub(1);
-        let exact_sizes = h % factor != 0 || w % factor != 0;
+        let exact_sizes = !divides(factor, h) || !divides(factor, w);
         for block in &self.up_blocks {
             let remaining = skips.len().saturating_sub(block.resnets.len());
             let upsample_size = match (exact_sizes, remaining.checked_sub(1).map(|i| &skips[i])) {

@@ -24,7 +24,10 @@ struct ShardIndex {
 /// Finds the weight files of the component in `dir` whose file names start with `stem`
 /// (`diffusion_pytorch_model` for diffusers, `model` for transformers).
 fn weight_files(source_name: &str, dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
-    for name in [format!("{stem}.safetensors"), format!("{stem}.fp16.safetensors")] {
+    for name in [
+        format!("{stem}.safetensors"),
+        format!("{stem}.fp16.safetensors"),
+    ] {
         let path = dir.join(name);
         if path.is_file() {
             return Ok(vec![path]);
@@ -67,17 +70,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn missing_weights_name_the_expected_file() {
-        let dir = tempfile::tempdir().map_err(|e| e.to_string());
-        let Ok(dir) = dir else { panic!("tempdir") };
+    fn missing_weights_name_the_expected_file() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| WorkerError::Internal(e.to_string()))?;
         let err = load_var_builder("repo", dir.path(), "model", DType::F32, &Device::Cpu).err();
         match err {
-            Some(WorkerError::ModelLoad { source_name, file, .. }) => {
+            Some(WorkerError::ModelLoad {
+                source_name, file, ..
+            }) => {
                 assert_eq!(source_name, "repo");
                 assert_eq!(file, dir.path().join("model.safetensors"));
             }
             other => panic!("expected ModelLoad, got {other:?}"),
         }
+        Ok(())
     }
 
     #[test]

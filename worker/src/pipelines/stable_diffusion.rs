@@ -19,7 +19,9 @@ use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 use super::image::to_rgb_images;
 use crate::error::{Result, WorkerError};
 use crate::models::clip::ClipTextTransformer;
-use crate::models::config::{read_json, ClipActivation, ClipTextConfig, UNetConfigFile, VaeConfigFile};
+use crate::models::config::{
+    divides, read_json, ClipActivation, ClipTextConfig, UNetConfigFile, VaeConfigFile,
+};
 use crate::models::tokenizer::ClipTokenizer;
 use crate::models::unet::UNet;
 use crate::models::weights::load_var_builder;
@@ -99,8 +101,8 @@ pub struct StableDiffusion {
     family: Family,
     /// Latent channels the UNet denoises (4 for SD).
     latent_channels: usize,
-    /// The UNet's training resolution in latents, if its config says.
-    sample_size: Option<usize>,
+    /// The UNet's training resolution in latents.
+    sample_size: usize,
     /// Pixels per latent along each side.
     vae_scale_factor: usize,
     /// Latents are divided by this before decoding.
@@ -122,8 +124,11 @@ impl StableDiffusion {
             ClipActivation::QuickGelu => Family::Sd1,
             ClipActivation::Gelu => Family::Sd2,
         };
-        let tokenizer =
-            ClipTokenizer::load(source, &dir.join("tokenizer"), te_config.max_position_embeddings)?;
+        let tokenizer = ClipTokenizer::load(
+            source,
+            &dir.join("tokenizer"),
+            te_config.max_position_embeddings,
+        )?;
         let te_dir = dir.join("text_encoder");
         let te_vb = load_var_builder(source, &te_dir, "model", dtype, device)?;
         let text_encoder = ClipTextTransformer::new(te_vb, te_config)
@@ -133,9 +138,21 @@ impl StableDiffusion {
         let unet_file: UNetConfigFile = read_json(source, &unet_config_path)?;
         let unet_spec = unet_file.to_candle(source, &unet_config_path)?;
         let unet_dir = dir.join("unet");
-        let unet_vb = load_var_builder(source, &unet_dir, "diffusion_pytorch_model", dtype, device)?;
-        let unet = UNet::new(unet_vb, unet_spec.in_channels, unet_spec.out_channels, &unet_spec.candle)
-        .map_err(|e| WorkerError::model_load(source, unet_dir.join("diffusion_pytorch_model.safetensors"), e))?;
+        let unet_vb =
+            load_var_builder(source, &unet_dir, "diffusion_pytorch_model", dtype, device)?;
+        let unet = UNet::new(
+            unet_vb,
+            unet_spec.in_channels,
+            unet_spec.out_channels,
+            &unet_spec.candle,
+        )
+        .map_err(|e| {
+            WorkerError::model_load(
+                source,
+                unet_dir.join("diffusion_pytorch_model.safetensors"),
+                e,
+            )
+        })?;
 
         let vae_config_path = dir.join("vae/config.json");
         let vae_file: VaeConfigFile = read_json(source, &vae_config_path)?;
@@ -154,10 +171,22 @@ impl StableDiffusion {
         }
         let vae_dir = dir.join("vae");
         let vae_vb = load_var_builder(source, &vae_dir, "diffusion_pytorch_model", dtype, device)?;
-        let vae = AutoEncoderKL::new(vae_vb, vae_spec.in_channels, vae_spec.out_channels, vae_spec.candle)
-            .map_err(|e| WorkerError::model_load(source, vae_dir.join("diffusion_pytorch_model.safetensors"), e))?;
+        let vae = AutoEncoderKL::new(
+            vae_vb,
+            vae_spec.in_channels,
+            vae_spec.out_channels,
+            vae_spec.candle,
+        )
+        .map_err(|e| {
+            WorkerError::model_load(
+                source,
+                vae_dir.join("diffusion_pytorch_model.safetensors"),
+                e,
+            )
+        })?;
 
-        let scheduler_config = SchedulerConfig::from_file(&dir.join("scheduler/scheduler_config.json"))?;
+        let scheduler_config =
+            SchedulerConfig::from_file(&dir.join("scheduler/scheduler_config.json"))?;
 
         Ok(Self {
             unet,
@@ -180,14 +209,9 @@ impl StableDiffusion {
     }
 
     /// (width, height) the model was trained at: the UNet's sample size times the VAE scale
-    /// factor; 512 or 768 for real models when the config omits it (by family).
+    /// factor (512 for SD 1.5, 768 for SD 2.1; 64 for the tiny test models).
     pub fn native_size(&self) -> (u32, u32) {
-        let side = match (self.sample_size, self.family) {
-            (Some(s), _) => s * self.vae_scale_factor,
-            (None, Family::Sd1) => 512,
-            (None, Family::Sd2) => 768,
-        };
-        let side = u32::try_from(side).unwrap_or(u32::MAX);
+        let side = u32::try_from(self.sample_size * self.vae_scale_factor).unwrap_or(u32::MAX);
         (side, side)
     }
 
@@ -201,7 +225,11 @@ impl StableDiffusion {
     pub fn default_scheduler(&self) -> SchedulerKind {
         SchedulerKind::from_config(&self.scheduler_config).unwrap_or_else(|| {
             tracing::warn!(
-                class = self.scheduler_config.class_name.as_deref().unwrap_or("(none)"),
+                class = self
+                    .scheduler_config
+                    .class_name
+                    .as_deref()
+                    .unwrap_or("(none)"),
                 "the model's scheduler is not supported; defaulting to euler"
             );
             SchedulerKind::Euler
@@ -214,8 +242,16 @@ impl StableDiffusion {
     }
 
     /// The text encoder's output for `[negative×n; prompt×n]` when `cfg`, else `prompt×n`.
-    pub fn encode_prompt(&self, prompt: &str, negative: &str, n: usize, cfg: bool) -> Result<Tensor> {
-        Ok(self.conditioning(prompt, negative, n, cfg.then_some(1.0))?.embeds)
+    pub fn encode_prompt(
+        &self,
+        prompt: &str,
+        negative: &str,
+        n: usize,
+        cfg: bool,
+    ) -> Result<Tensor> {
+        Ok(self
+            .conditioning(prompt, negative, n, cfg.then_some(1.0))?
+            .embeds)
     }
 
     /// The per-request conditioning [`Self::denoise_step`] takes: the embeddings of
@@ -291,7 +327,7 @@ impl StableDiffusion {
     /// Checks the request size against the VAE scale factor.
     fn check_size(&self, width: usize, height: usize) -> Result<()> {
         let f = self.vae_scale_factor;
-        if width == 0 || height == 0 || width % f != 0 || height % f != 0 {
+        if width == 0 || height == 0 || !divides(f, width) || !divides(f, height) {
             return Err(WorkerError::invalid(
                 "size",
                 format!("{width}x{height} must be positive multiples of {f}"),
@@ -311,7 +347,10 @@ impl StableDiffusion {
             return Err(WorkerError::invalid("n", "must be at least 1"));
         }
         if req.steps == 0 {
-            return Err(WorkerError::invalid("num_inference_steps", "must be at least 1"));
+            return Err(WorkerError::invalid(
+                "num_inference_steps",
+                "must be at least 1",
+            ));
         }
         let guidance = (req.guidance_scale > 1.0).then_some(req.guidance_scale);
         let cond = self.conditioning(&req.prompt, &req.negative_prompt, req.n, guidance)?;
@@ -323,7 +362,8 @@ impl StableDiffusion {
         let mut latents = (noise * scheduler.init_noise_sigma())?;
         let total = scheduler.timesteps().len();
         for step_index in 0..total {
-            latents = self.denoise_step(scheduler.as_mut(), &cond, &latents, step_index, &mut rng)?;
+            latents =
+                self.denoise_step(scheduler.as_mut(), &cond, &latents, step_index, &mut rng)?;
             if progress.on_step(step_index + 1, total, &latents).is_break() {
                 return Err(WorkerError::Cancelled);
             }
