@@ -104,8 +104,8 @@ pub struct UNetConfigFile {
     pub only_cross_attention: PerBlock<bool>,
     #[serde(default)]
     pub dual_cross_attention: bool,
-    /// candle computes attention scores in f32 whatever the model dtype, which is what upcasting
-    /// asks for: accepted either way.
+    /// `transformer.rs` computes attention scores in f32 whatever the model dtype, which is what
+    /// upcasting asks for: accepted either way.
     #[serde(default)]
     pub upcast_attention: bool,
     pub addition_embed_type: Option<String>,
