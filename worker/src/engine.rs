@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::backend::{Backend, ModelDescription};
 use crate::encode;
 use crate::error::{Result, WorkerError};
-use crate::pipelines::stable_diffusion::{Progress, TextToImage};
+use crate::pipelines::stable_diffusion::{Progress, Stage, TextToImage};
 
 /// What a job asks for, already validated against the loaded model.
 #[derive(Debug, Clone)]
@@ -297,9 +297,12 @@ fn run_model<F>(
     }
 }
 
-/// Sends step events and notices cancellation between steps.
+/// Sends step events, notices cancellation between steps and keeps the stage timings.
 struct EventProgress<'a> {
     events: &'a mpsc::UnboundedSender<JobEvent>,
+    encode_prompt: Duration,
+    denoise: Duration,
+    decode: Duration,
 }
 
 impl Progress for EventProgress<'_> {
@@ -314,6 +317,14 @@ impl Progress for EventProgress<'_> {
             ControlFlow::Continue(())
         }
     }
+
+    fn on_stage(&mut self, stage: Stage, took: Duration) {
+        match stage {
+            Stage::EncodePrompt => self.encode_prompt = took,
+            Stage::Denoise => self.denoise = took,
+            Stage::Decode => self.decode = took,
+        }
+    }
 }
 
 fn run_job(backend: &dyn Backend, job: Job) {
@@ -324,6 +335,9 @@ fn run_job(backend: &dyn Backend, job: Job) {
     });
     let mut progress = EventProgress {
         events: &job.events,
+        encode_prompt: Duration::ZERO,
+        denoise: Duration::ZERO,
+        decode: Duration::ZERO,
     };
     // A panic inside candle must not take the worker down with it.
     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
@@ -337,7 +351,6 @@ fn run_job(backend: &dyn Backend, job: Job) {
             .unwrap_or_else(|| "unknown panic".into());
         Err(WorkerError::Internal(format!("pipeline panicked: {what}")))
     });
-    let generated = Instant::now();
     let result = outcome.and_then(|images| {
         for (index, image) in images.iter().enumerate() {
             let data = encode::encode(image, job.spec.output_format, job.spec.output_compression)?;
@@ -355,10 +368,10 @@ fn run_job(backend: &dyn Backend, job: Job) {
             let ms = |d: Duration| d.as_millis() as u64;
             let _ = job.events.send(JobEvent::Done(Timings {
                 queue_ms: ms(queue_time),
-                encode_prompt_ms: 0,
-                denoise_ms: 0,
-                decode_ms: 0,
-                total_ms: ms(generated.duration_since(job.enqueued)),
+                encode_prompt_ms: ms(progress.encode_prompt),
+                denoise_ms: ms(progress.denoise),
+                decode_ms: ms(progress.decode),
+                total_ms: ms(job.enqueued.elapsed()),
             }));
         }
         Err(WorkerError::Cancelled) => {

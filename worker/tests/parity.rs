@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use fastfusion_worker::models::tokenizer::ClipTokenizer;
 use fastfusion_worker::pipelines::stable_diffusion::{
-    LoadOptions, NoProgress, Progress, StableDiffusion, TextToImage,
+    LoadOptions, NoProgress, Progress, StableDiffusion, Stage, TextToImage,
 };
 use fastfusion_worker::rng::TorchRng;
 use fastfusion_worker::schedulers::SchedulerKind;
@@ -267,6 +267,38 @@ impl Progress for CancelAfterFirst {
         self.0 = step;
         ControlFlow::Break(())
     }
+}
+
+/// Records the stages reported, in order, and the steps seen meanwhile.
+#[derive(Default)]
+struct StageLog(Vec<(Stage, usize)>, usize);
+
+impl Progress for StageLog {
+    fn on_step(&mut self, _: usize, _: usize, _: &Tensor) -> ControlFlow<()> {
+        self.1 += 1;
+        ControlFlow::Continue(())
+    }
+
+    fn on_stage(&mut self, stage: Stage, took: std::time::Duration) {
+        assert!(took > std::time::Duration::ZERO, "{stage:?} took no time");
+        self.0.push((stage, self.1));
+    }
+}
+
+#[test]
+fn stages_are_reported_in_order_around_the_steps() -> TestResult {
+    let model = load("tiny-sd15")?;
+    let mut log = StageLog::default();
+    model.text_to_image(&small_request(1), &mut log)?;
+    assert_eq!(
+        log.0,
+        [
+            (Stage::EncodePrompt, 0),
+            (Stage::Denoise, 2),
+            (Stage::Decode, 2)
+        ]
+    );
+    Ok(())
 }
 
 fn small_request(seed: u64) -> TextToImage {

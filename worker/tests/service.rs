@@ -1,7 +1,6 @@
 //! The gRPC service and the job engine, in-process over a real socket, with a scripted backend:
 //! event order, validation statuses, health while loading, queue limits, cancellation and panics.
 
-use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

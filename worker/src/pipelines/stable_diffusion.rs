@@ -12,6 +12,7 @@
 
 use std::ops::ControlFlow;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
@@ -69,6 +70,21 @@ pub trait Progress {
     /// Called after each denoising step (`step` counts from 1 to `total`) with the float32
     /// latents; `Break` cancels the generation (→ [`WorkerError::Cancelled`]).
     fn on_step(&mut self, step: usize, total: usize, latents: &Tensor) -> ControlFlow<()>;
+
+    /// Called when a stage of the request finishes, with its wall time (for the worker's
+    /// timings and metrics). Ignored by default.
+    fn on_stage(&mut self, _stage: Stage, _took: Duration) {}
+}
+
+/// The stages of one request, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Tokenizer and text encoder.
+    EncodePrompt,
+    /// The whole denoising loop.
+    Denoise,
+    /// VAE decode and conversion to 8-bit pixels.
+    Decode,
 }
 
 /// A [`Progress`] that never cancels and ignores the steps.
@@ -353,7 +369,10 @@ impl StableDiffusion {
             ));
         }
         let guidance = (req.guidance_scale > 1.0).then_some(req.guidance_scale);
+        let started = Instant::now();
         let cond = self.conditioning(&req.prompt, &req.negative_prompt, req.n, guidance)?;
+        progress.on_stage(Stage::EncodePrompt, started.elapsed());
+        let started = Instant::now();
         let mut scheduler = req.scheduler.build(&self.scheduler_config, req.steps)?;
         let mut rng = TorchRng::new(req.seed);
         let f = self.vae_scale_factor;
@@ -368,6 +387,10 @@ impl StableDiffusion {
                 return Err(WorkerError::Cancelled);
             }
         }
-        self.decode(&latents)
+        progress.on_stage(Stage::Denoise, started.elapsed());
+        let started = Instant::now();
+        let images = self.decode(&latents)?;
+        progress.on_stage(Stage::Decode, started.elapsed());
+        Ok(images)
     }
 }
