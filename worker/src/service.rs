@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use fastfusion_proto::worker_server::{Worker, WorkerServer};
 use fastfusion_proto::{
-    generate_event, Defaults, Done, GenerateEvent, GenerateRequest, Image, InfoRequest,
+    generate_event, Defaults, Done, Endpoint, GenerateEvent, GenerateRequest, Image, InfoRequest,
     InfoResponse, Limits, ModelFamily, OutputFormat, Preset, Progress, Queued, Started, Task,
     PARAM_METADATA_KEY,
 };
@@ -156,8 +156,10 @@ impl WorkerService {
             EngineState::Loading | EngineState::Failed(_) => None,
         };
         let mut tasks = Vec::new();
+        let mut endpoints = Vec::new();
         if pipeline.generations_config.enabled {
             tasks.push(Task::TextToImage as i32);
+            endpoints.push(Endpoint::Generations as i32);
         }
         let default_scheduler = pipeline
             .scheduler
@@ -211,6 +213,7 @@ impl WorkerService {
                 .iter()
                 .map(|k| k.name().to_string())
                 .collect(),
+            endpoints,
             loaded: description.is_some(),
         }
     }
