@@ -49,10 +49,20 @@ use crate::rng::TorchRng;
 pub trait Scheduler: Send {
     /// Timesteps passed to the UNet, in loop order (PNDM repeats one, as diffusers does).
     fn timesteps(&self) -> &[f64];
-    /// Scale for the initial noise (sigma_max-ish for Euler/DPM-type sigmas schedulers, 1 for DDIM/PNDM).
-    fn init_noise_sigma(&self) -> f64;
-    /// The UNet input for loop step `step_index` (Euler-type schedulers divide by `sqrt(sigma² + 1)`).
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> candle_core::Result<Tensor>;
+    /// Scale for the initial noise: 1 for the alpha-based schedulers (DDIM, PNDM, DPM-Solver),
+    /// about sigma_max for the sigma-based Euler family.
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    /// The UNet input for loop step `step_index`: unchanged by default; Euler-type schedulers divide
+    /// by `sqrt(sigma² + 1)`.
+    fn scale_model_input(
+        &self,
+        sample: &Tensor,
+        _step_index: usize,
+    ) -> candle_core::Result<Tensor> {
+        Ok(sample.clone())
+    }
     /// `model_output` is the UNet output after guidance; the scheduler converts epsilon / v_prediction / sample.
     fn step(
         &mut self,
