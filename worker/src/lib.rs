@@ -31,3 +31,4 @@ pub mod rng;
 pub mod schedulers;
 pub mod service;
 pub mod startup;
+pub mod vision;
