@@ -243,6 +243,7 @@ fn matches_the_diffusers_reference_end_to_end() -> Result<()> {
         .iter()
         .find(|c| {
             c["model"] == "tiny-sd15"
+                && c["task"].is_null()
                 && c["n"] == 1
                 && c["scheduler"] == "euler"
                 && c["negative_prompt"].is_null()
