@@ -3,7 +3,8 @@
 //!
 //! Middleware, outermost first: request id (an incoming `x-request-id` is kept, else a UUID is
 //! made; it is echoed back and passed to the worker), tracing span per request, body limit
-//! (enforced by the body extractors, so a 413 comes out in OpenAI's shape).
+//! (enforced by the body extractors, JSON and multipart alike, so a 413 comes out in OpenAI's
+//! shape).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,8 +39,10 @@ pub struct HttpSettings {
     pub base_url: Option<String>,
     /// Longest a generation may take, queueing included.
     pub request_timeout: Duration,
-    /// Largest request body, in bytes.
+    /// Largest request body, in bytes (uploads included).
     pub max_body_bytes: usize,
+    /// Most pixels an uploaded image or mask may declare.
+    pub max_input_pixels: u64,
     /// Unix seconds at start-up; reported as the models' `created`.
     pub started_at: u64,
 }
@@ -67,6 +70,11 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v1/images/generations",
             post(routes::generations::create_image),
+        )
+        .route("/v1/images/edits", post(routes::edits::create_edit))
+        .route(
+            "/v1/images/variations",
+            post(routes::variations::create_variation),
         )
         .route("/v1/images/data/{file_id}", get(routes::images::get_image))
         .route("/v1/models", get(routes::models::list_models))

@@ -45,6 +45,10 @@ pub struct Args {
     /// Largest request body accepted, in bytes (larger: 413).
     #[arg(long, env = "FASTFUSION_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Most pixels (width x height) an uploaded input image or mask may declare; larger: 400.
+    /// Checked from the file's header before decoding, against decompression bombs.
+    #[arg(long, env = "FASTFUSION_MAX_INPUT_PIXELS", default_value_t = 4096 * 4096)]
+    pub max_input_pixels: u64,
     /// Longest a generation request may take, queueing included, in seconds (longer: 503).
     #[arg(long, env = "FASTFUSION_REQUEST_TIMEOUT_SECS", default_value_t = 600)]
     pub request_timeout_secs: u64,
@@ -64,6 +68,7 @@ pub struct Settings {
     /// Normalised to `http(s)://host:port`; empty means the embedded worker.
     pub workers: Vec<String>,
     pub max_body_bytes: usize,
+    pub max_input_pixels: u64,
     pub request_timeout: Duration,
 }
 
@@ -131,6 +136,12 @@ impl Args {
                 "must be greater than 0",
             ));
         }
+        if self.max_input_pixels == 0 {
+            return Err(error(
+                "FASTFUSION_MAX_INPUT_PIXELS (--max-input-pixels)",
+                "must be greater than 0",
+            ));
+        }
         if self.request_timeout_secs == 0 {
             return Err(error(
                 "FASTFUSION_REQUEST_TIMEOUT_SECS (--request-timeout-secs)",
@@ -146,6 +157,7 @@ impl Args {
             log_level,
             workers,
             max_body_bytes: self.max_body_bytes,
+            max_input_pixels: self.max_input_pixels,
             request_timeout: Duration::from_secs(self.request_timeout_secs),
         })
     }
@@ -289,6 +301,10 @@ mod tests {
         assert_eq!(
             setting_of(&["--max-body-bytes", "0"]),
             "FASTFUSION_MAX_BODY_BYTES (--max-body-bytes)"
+        );
+        assert_eq!(
+            setting_of(&["--max-input-pixels", "0"]),
+            "FASTFUSION_MAX_INPUT_PIXELS (--max-input-pixels)"
         );
     }
 

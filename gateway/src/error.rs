@@ -42,7 +42,8 @@ pub enum ApiError {
         requested: String,
         available: Vec<String>,
     },
-    /// The worker serving the model has this task (generations, edits, ...) disabled.
+    /// The endpoint (generations, edits, variations) or task is switched off for the model:
+    /// by its Info before the request is sent, or by the worker (FAILED_PRECONDITION).
     #[error("{0}")]
     TaskDisabled(String),
     /// The request body is larger than the configured limit.

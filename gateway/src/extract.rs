@@ -5,7 +5,8 @@
 //! object, checked for unknown fields (ignored, logged at debug: the SDK gains new ones), and
 //! deserialized with `serde_path_to_error`, so a wrong type names the field (`n`,
 //! `lora_settings[0].weight`) in `param`. The Content-Type header is not required: curl users
-//! often omit it, and the body decides.
+//! often omit it, and the body decides. [`parse_value`] is the same deserialization for a value
+//! built elsewhere (the text parts of a multipart form).
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
@@ -20,6 +21,10 @@ pub trait JsonBody: DeserializeOwned {
 
 impl JsonBody for crate::openai::ImageGenerationRequest {
     const FIELDS: &'static [&'static str] = crate::openai::ImageGenerationRequest::FIELDS;
+}
+
+impl JsonBody for crate::openai::ImageEditRequest {
+    const FIELDS: &'static [&'static str] = crate::openai::ImageEditRequest::FIELDS;
 }
 
 /// The body of a request, deserialized.
@@ -57,6 +62,13 @@ pub fn parse_body<T: JsonBody>(bytes: &[u8]) -> Result<T, ApiError> {
             param: None,
             message: format!("the request body is not valid JSON: {e}"),
         })?;
+    parse_value(value)
+}
+
+/// A JSON value → `T`, as [`parse_body`] does after parsing. Multipart forms come through here
+/// too (`crate::form` turns their text parts into a JSON object), so both forms share one set of
+/// type errors.
+pub fn parse_value<T: JsonBody>(value: serde_json::Value) -> Result<T, ApiError> {
     let Some(object) = value.as_object() else {
         return Err(ApiError::InvalidRequest {
             param: None,

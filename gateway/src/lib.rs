@@ -4,8 +4,10 @@
 //!
 //! ```text
 //! app.rs          router + middleware (request id, tracing, body limit); AppState
-//! routes/         handlers: generations, image data, models, health/ready, fallbacks
+//! routes/         handlers: generations, edits, variations, image data, models, health/ready
 //! extract.rs      JSON bodies → OpenAI types, rejections as ApiError
+//! form.rs         edit/variation bodies (multipart or JSON) → request + uploads
+//! uploads.rs      uploaded images: data URLs, format sniffing, pixel limit, decode check
 //! openai.rs       the OpenAI wire types (requests, responses, model list)
 //! validation.rs   raw request + the model's Info → ValidGeneration (or a 400 naming the param)
 //! workers.rs      WorkerPool: model resolution, Info polling, readiness, the Generate stream
@@ -22,10 +24,12 @@ pub mod app;
 pub mod config;
 pub mod error;
 pub mod extract;
+pub mod form;
 pub mod openai;
 pub mod public_url;
 pub mod routes;
 pub mod storage;
+pub mod uploads;
 pub mod validation;
 pub mod workers;
 

@@ -59,6 +59,7 @@ async fn run() -> anyhow::Result<()> {
             base_url: settings.base_url.clone(),
             request_timeout: settings.request_timeout,
             max_body_bytes: settings.max_body_bytes,
+            max_input_pixels: settings.max_input_pixels,
             started_at,
         }),
     };

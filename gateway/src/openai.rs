@@ -67,6 +67,79 @@ impl ImageGenerationRequest {
     ];
 }
 
+/// `POST /v1/images/edits` and `POST /v1/images/variations` as received, from a multipart form
+/// (every text part; files travel beside it as uploads) or from the JSON body form of edits.
+///
+/// Variations use the same fields: there `prompt` is optional. `input_fidelity` (OpenAI's, for
+/// its own models) and `user` are accepted and not used.
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+pub struct ImageEditRequest {
+    pub prompt: Option<String>,
+    pub model: Option<String>,
+    pub n: Option<u32>,
+    /// `"WIDTHxHEIGHT"`, or `"auto"` (the default here): the first input's size.
+    pub size: Option<String>,
+    pub quality: Option<String>,
+    pub user: Option<String>,
+    pub response_format: Option<ResponseFormat>,
+    pub output_format: Option<OutputFormat>,
+    pub output_compression: Option<u32>,
+    pub background: Option<Background>,
+    pub input_fidelity: Option<String>,
+    pub stream: Option<bool>,
+    pub partial_images: Option<u32>,
+    // Extensions.
+    pub seed: Option<u64>,
+    pub negative_prompt: Option<String>,
+    pub guidance_scale: Option<f64>,
+    pub num_inference_steps: Option<u32>,
+    pub scheduler: Option<String>,
+    pub lora_settings: Option<Vec<LoraSetting>>,
+    /// How much of the denoising schedule runs over the input, 0 < strength <= 1.
+    pub strength: Option<f64>,
+    /// JSON form only: the input images; the first is the one edited.
+    pub images: Option<Vec<ImageReference>>,
+    /// JSON form only: the mask for the first image.
+    pub mask: Option<ImageReference>,
+}
+
+impl ImageEditRequest {
+    /// Every field name the gateway understands; others are ignored and logged at debug.
+    pub const FIELDS: &'static [&'static str] = &[
+        "prompt",
+        "model",
+        "n",
+        "size",
+        "quality",
+        "user",
+        "response_format",
+        "output_format",
+        "output_compression",
+        "background",
+        "input_fidelity",
+        "stream",
+        "partial_images",
+        "seed",
+        "negative_prompt",
+        "guidance_scale",
+        "num_inference_steps",
+        "scheduler",
+        "lora_settings",
+        "strength",
+        "images",
+        "mask",
+    ];
+}
+
+/// An input image in the JSON form: `{"image_url": "data:image/png;base64,..."}`. OpenAI also
+/// allows `file_id` (its Files API) and http(s) urls; the gateway has no Files API and fetches
+/// nothing remote, so both are refused with a 400 naming them.
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+pub struct ImageReference {
+    pub image_url: Option<String>,
+    pub file_id: Option<String>,
+}
+
 /// One entry of `lora_settings`: a LoRA adapter name from the model config and its weight.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct LoraSetting {
@@ -238,6 +311,43 @@ mod tests {
             .unwrap_or_default();
         keys.sort_unstable();
         let mut fields = ImageGenerationRequest::FIELDS.to_vec();
+        fields.sort_unstable();
+        assert_eq!(keys, fields);
+    }
+
+    #[test]
+    fn edit_fields_lists_every_request_field() {
+        let full = ImageEditRequest {
+            prompt: Some(String::new()),
+            model: Some(String::new()),
+            n: Some(1),
+            size: Some(String::new()),
+            quality: Some(String::new()),
+            user: Some(String::new()),
+            response_format: Some(ResponseFormat::Url),
+            output_format: Some(OutputFormat::Png),
+            output_compression: Some(1),
+            background: Some(Background::Auto),
+            input_fidelity: Some(String::new()),
+            stream: Some(false),
+            partial_images: Some(0),
+            seed: Some(1),
+            negative_prompt: Some(String::new()),
+            guidance_scale: Some(1.0),
+            num_inference_steps: Some(1),
+            scheduler: Some(String::new()),
+            lora_settings: Some(Vec::new()),
+            strength: Some(0.5),
+            images: Some(Vec::new()),
+            mask: Some(ImageReference::default()),
+        };
+        let value = serde_json::to_value(full).expect("serializes");
+        let mut keys: Vec<&str> = value
+            .as_object()
+            .map(|o| o.keys().map(String::as_str).collect())
+            .unwrap_or_default();
+        keys.sort_unstable();
+        let mut fields = ImageEditRequest::FIELDS.to_vec();
         fields.sort_unstable();
         assert_eq!(keys, fields);
     }

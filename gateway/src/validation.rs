@@ -1,22 +1,33 @@
 //! Raw OpenAI requests + the target model's `InfoResponse` → [`ValidGeneration`], or a 400 naming
-//! the parameter at fault.
+//! the parameter at fault. The three image endpoints share one set of checks
+//! ([`Options`] → `validate_options`); each adds only what is its own.
 //!
 //! Only a `ValidGeneration` travels on to the worker; it carries every setting resolved (size,
-//! steps, guidance), so the worker never has to guess what the client meant. The rules:
+//! steps, guidance, strength), so the worker never has to guess what the client meant. The rules:
 //!
+//! - The endpoint must be enabled on the model (`InfoResponse.endpoints`); otherwise a 404.
 //! - `size`: `"WIDTHxHEIGHT"`, both positive multiples of `max(8, limits.size_multiple)`, at most
-//!   `limits.max_pixels` pixels. `"auto"` or absent gives the model's native size. (OpenAI's and the
-//!   seed's default, 1024x1024, is FLUX's and SDXL's native size; SD 1.5's is 512x512. Each model
-//!   does best at its own native size, so that is what "auto" means here.)
+//!   `limits.max_pixels` pixels. `"auto"` or absent: for generations the model's native size (OpenAI's
+//!   and the seed's default, 1024x1024, is FLUX's and SDXL's native size; SD 1.5's is 512x512, and
+//!   each model does best at its own); for edits and variations the first input's size, rounded
+//!   to the size multiple and scaled down, keeping its aspect, to fit `max_pixels`.
 //! - `quality` picks a preset from `generation_presets` by name. OpenAI's own values (standard, hd,
 //!   low, medium, high, auto) fall back to the global defaults when no preset has that name; any
 //!   other value is an error. `guidance_scale` and `num_inference_steps` then override on their own.
 //! - `scheduler` must be one the worker lists; `lora_settings` names must be loaded LoRAs.
+//! - Edits: a prompt and at least one image; with a mask the task is inpainting, without one
+//!   image-to-image over the whole picture. Variations: exactly one image, no mask, the prompt
+//!   optional (empty: the worker asks its vision model or uses its default). Both: `strength` in
+//!   (0, 1], absent = the model's default. The images themselves were checked by
+//!   [`crate::uploads::inspect`] before they get here.
 
-use fastfusion_proto::{InfoResponse, Limits, Task};
+use fastfusion_proto::{Endpoint, InfoResponse, Limits, Task};
 
 use crate::error::ApiError;
-use crate::openai::{Background, ImageGenerationRequest, OutputFormat, ResponseFormat};
+use crate::openai::{
+    Background, ImageEditRequest, ImageGenerationRequest, LoraSetting, OutputFormat, ResponseFormat,
+};
+use crate::uploads::InputImage;
 
 /// OpenAI's `quality` values; they select the global defaults unless a preset has that name.
 const OPENAI_QUALITIES: &[&str] = &["standard", "hd", "low", "medium", "high", "auto"];
@@ -31,9 +42,13 @@ const FALLBACK_MAX_STEPS: u32 = 500;
 /// Most preview images OpenAI allows per request.
 const MAX_PARTIAL_IMAGES: u32 = 3;
 
-/// A text-to-image request with every setting checked and resolved.
+/// A request with every setting checked and resolved, ready for the worker.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidGeneration {
+    /// The endpoint it came through; the worker refuses a disabled one.
+    pub endpoint: Endpoint,
+    pub task: Task,
+    /// Empty only for a variation without a prompt.
     pub prompt: String,
     /// Empty = the unconditional prompt.
     pub negative_prompt: String,
@@ -53,6 +68,12 @@ pub struct ValidGeneration {
     pub output_compression: Option<u32>,
     /// Echoed in the response: the quality asked for, or `"auto"`.
     pub quality: String,
+    /// Image-to-image and inpaint only; `None` = the worker's default.
+    pub strength: Option<f32>,
+    /// Input images as uploaded, the edited one first; empty for text-to-image.
+    pub images: Vec<bytes::Bytes>,
+    /// The inpainting mask as uploaded.
+    pub mask: Option<bytes::Bytes>,
 }
 
 impl ValidGeneration {
@@ -60,7 +81,8 @@ impl ValidGeneration {
     pub fn to_proto(&self, request_id: &str) -> fastfusion_proto::GenerateRequest {
         fastfusion_proto::GenerateRequest {
             request_id: request_id.to_string(),
-            task: Task::TextToImage as i32,
+            task: self.task as i32,
+            endpoint: self.endpoint as i32,
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
             n: self.n,
@@ -70,6 +92,7 @@ impl ValidGeneration {
             num_inference_steps: self.num_inference_steps,
             guidance_scale: self.guidance_scale,
             scheduler: self.scheduler.clone(),
+            strength: self.strength,
             loras: self
                 .loras
                 .iter()
@@ -78,9 +101,14 @@ impl ValidGeneration {
                     weight: *weight,
                 })
                 .collect(),
+            images: self.images.iter().map(|image| image.to_vec()).collect(),
+            mask: self.mask.as_ref().map(|mask| mask.to_vec()),
+            // AUTO: an alpha channel marks transparent pixels for repainting (OpenAI's masks),
+            // otherwise white pixels do (diffusers' and the seed's).
+            mask_mode: fastfusion_proto::MaskMode::Auto as i32,
             output_format: self.output_format.to_proto() as i32,
             output_compression: self.output_compression,
-            ..Default::default()
+            partial_images: 0,
         }
     }
 
@@ -90,37 +118,81 @@ impl ValidGeneration {
     }
 }
 
-/// Checks a generation request against what the model serving it can do.
+/// The settings every image endpoint shares, as received.
+#[derive(Debug)]
+struct Options {
+    n: Option<u32>,
+    size: Option<String>,
+    quality: Option<String>,
+    response_format: Option<ResponseFormat>,
+    output_format: Option<OutputFormat>,
+    output_compression: Option<u32>,
+    background: Option<Background>,
+    stream: Option<bool>,
+    partial_images: Option<u32>,
+    seed: Option<u64>,
+    negative_prompt: Option<String>,
+    guidance_scale: Option<f64>,
+    num_inference_steps: Option<u32>,
+    scheduler: Option<String>,
+    lora_settings: Option<Vec<LoraSetting>>,
+}
+
+impl Options {
+    fn of_generation(request: ImageGenerationRequest) -> Self {
+        Options {
+            n: request.n,
+            size: request.size,
+            quality: request.quality,
+            response_format: request.response_format,
+            output_format: request.output_format,
+            output_compression: request.output_compression,
+            background: request.background,
+            stream: request.stream,
+            partial_images: request.partial_images,
+            seed: request.seed,
+            negative_prompt: request.negative_prompt,
+            guidance_scale: request.guidance_scale,
+            num_inference_steps: request.num_inference_steps,
+            scheduler: request.scheduler,
+            lora_settings: request.lora_settings,
+        }
+    }
+
+    fn of_edit(request: ImageEditRequest) -> Self {
+        Options {
+            n: request.n,
+            size: request.size,
+            quality: request.quality,
+            response_format: request.response_format,
+            output_format: request.output_format,
+            output_compression: request.output_compression,
+            background: request.background,
+            stream: request.stream,
+            partial_images: request.partial_images,
+            seed: request.seed,
+            negative_prompt: request.negative_prompt,
+            guidance_scale: request.guidance_scale,
+            num_inference_steps: request.num_inference_steps,
+            scheduler: request.scheduler,
+            lora_settings: request.lora_settings,
+        }
+    }
+}
+
+/// What a request is for: filled in by each endpoint's validator.
+struct Purpose {
+    endpoint: Endpoint,
+    task: Task,
+    prompt: String,
+}
+
+/// Checks a text-to-image request against what the model serving it can do.
 pub fn validate_generation(
     request: ImageGenerationRequest,
     info: &InfoResponse,
 ) -> Result<ValidGeneration, ApiError> {
-    if !info.tasks.contains(&(Task::TextToImage as i32)) {
-        return Err(ApiError::TaskDisabled(format!(
-            "image generation is disabled for model '{}'",
-            info.model_id
-        )));
-    }
-    if request.stream == Some(true) {
-        return Err(ApiError::invalid(
-            "stream",
-            "streaming responses are not supported yet; omit stream or set it to false",
-        ));
-    }
-    if let Some(partial) = request.partial_images {
-        if partial > MAX_PARTIAL_IMAGES {
-            return Err(ApiError::invalid(
-                "partial_images",
-                format!("partial_images must be between 0 and {MAX_PARTIAL_IMAGES}, got {partial}"),
-            ));
-        }
-    }
-    if request.background == Some(Background::Transparent) {
-        return Err(ApiError::invalid(
-            "background",
-            "transparent backgrounds are not supported; use opaque or auto",
-        ));
-    }
+    check_endpoint(info, Endpoint::Generations)?;
     if let Some(style) = &request.style {
         if !OPENAI_STYLES.contains(&style.as_str()) {
             return Err(ApiError::invalid(
@@ -129,29 +201,177 @@ pub fn validate_generation(
             ));
         }
     }
-    let prompt = match request.prompt {
-        Some(prompt) if !prompt.trim().is_empty() => prompt,
-        Some(_) => return Err(ApiError::invalid("prompt", "prompt must not be empty")),
-        None => return Err(ApiError::invalid("prompt", "prompt is required")),
+    let purpose = Purpose {
+        endpoint: Endpoint::Generations,
+        task: Task::TextToImage,
+        prompt: required_prompt(request.prompt.clone())?,
+    };
+    let native = (info.native_width, info.native_height);
+    validate_options(purpose, Options::of_generation(request), info, native)
+}
+
+/// Checks an edit: `images` and `mask` already passed [`crate::uploads::inspect`].
+pub fn validate_edit(
+    request: ImageEditRequest,
+    images: Vec<InputImage>,
+    mask: Option<InputImage>,
+    info: &InfoResponse,
+) -> Result<ValidGeneration, ApiError> {
+    check_endpoint(info, Endpoint::Edits)?;
+    let purpose = Purpose {
+        endpoint: Endpoint::Edits,
+        task: if mask.is_some() {
+            Task::Inpaint
+        } else {
+            Task::ImageToImage
+        },
+        prompt: required_prompt(request.prompt.clone())?,
+    };
+    validate_image_input(purpose, request, images, mask, info)
+}
+
+/// Checks a variation: one image, no mask, an optional prompt.
+pub fn validate_variation(
+    request: ImageEditRequest,
+    images: Vec<InputImage>,
+    mask: Option<InputImage>,
+    info: &InfoResponse,
+) -> Result<ValidGeneration, ApiError> {
+    check_endpoint(info, Endpoint::Variations)?;
+    if images.len() > 1 {
+        return Err(ApiError::invalid(
+            "image",
+            format!(
+                "variations take exactly one image, got {}; use /v1/images/edits for several",
+                images.len()
+            ),
+        ));
+    }
+    if mask.is_some() {
+        return Err(ApiError::invalid(
+            "mask",
+            "variations take no mask; use /v1/images/edits to repaint part of an image",
+        ));
+    }
+    let purpose = Purpose {
+        endpoint: Endpoint::Variations,
+        task: Task::ImageToImage,
+        // Blank counts as absent: the worker then finds a prompt for the image itself.
+        prompt: request
+            .prompt
+            .clone()
+            .filter(|prompt| !prompt.trim().is_empty())
+            .unwrap_or_default(),
+    };
+    validate_image_input(purpose, request, images, mask, info)
+}
+
+/// What edits and variations share: an input image, strength, size `auto` from the input.
+fn validate_image_input(
+    purpose: Purpose,
+    request: ImageEditRequest,
+    images: Vec<InputImage>,
+    mask: Option<InputImage>,
+    info: &InfoResponse,
+) -> Result<ValidGeneration, ApiError> {
+    let Some(first) = images.first() else {
+        return Err(ApiError::invalid(
+            "image",
+            "image is required: upload it as a multipart file part named image",
+        ));
     };
     let limits = info.limits.unwrap_or_default();
+    let auto = fit_size(first.width, first.height, &limits);
+    let strength = resolve_strength(request.strength, info)?;
+    let valid = validate_options(purpose, Options::of_edit(request), info, auto)?;
+    Ok(ValidGeneration {
+        strength,
+        images: images.into_iter().map(|image| image.bytes).collect(),
+        mask: mask.map(|mask| mask.bytes),
+        ..valid
+    })
+}
+
+/// The endpoint switch: a disabled endpoint is a 404 (OpenAI's answer for an unknown route).
+pub fn check_endpoint(info: &InfoResponse, endpoint: Endpoint) -> Result<(), ApiError> {
+    if info.endpoints.contains(&(endpoint as i32)) {
+        Ok(())
+    } else {
+        Err(endpoint_disabled(&[info.model_id.as_str()], endpoint))
+    }
+}
+
+/// The 404 for `endpoint` switched off on every model in `models`.
+pub fn endpoint_disabled(models: &[&str], endpoint: Endpoint) -> ApiError {
+    let (path, key) = match endpoint {
+        Endpoint::Generations => ("/v1/images/generations", "generations_config"),
+        Endpoint::Edits => ("/v1/images/edits", "edits_config"),
+        Endpoint::Variations => ("/v1/images/variations", "variations_config"),
+        Endpoint::Unspecified => ("this endpoint", "its config"),
+    };
+    let models = models
+        .iter()
+        .map(|model| format!("'{model}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    ApiError::TaskDisabled(format!(
+        "{path} is disabled on this server: {key}.enabled is false for model {models}"
+    ))
+}
+
+fn required_prompt(prompt: Option<String>) -> Result<String, ApiError> {
+    match prompt {
+        Some(prompt) if !prompt.trim().is_empty() => Ok(prompt),
+        Some(_) => Err(ApiError::invalid("prompt", "prompt must not be empty")),
+        None => Err(ApiError::invalid("prompt", "prompt is required")),
+    }
+}
+
+/// The checks every endpoint shares. `auto_size` is what `size: "auto"` (or no size) means.
+fn validate_options(
+    purpose: Purpose,
+    options: Options,
+    info: &InfoResponse,
+    auto_size: (u32, u32),
+) -> Result<ValidGeneration, ApiError> {
+    if options.stream == Some(true) {
+        return Err(ApiError::invalid(
+            "stream",
+            "streaming responses are not supported yet; omit stream or set it to false",
+        ));
+    }
+    if let Some(partial) = options.partial_images {
+        if partial > MAX_PARTIAL_IMAGES {
+            return Err(ApiError::invalid(
+                "partial_images",
+                format!("partial_images must be between 0 and {MAX_PARTIAL_IMAGES}, got {partial}"),
+            ));
+        }
+    }
+    if options.background == Some(Background::Transparent) {
+        return Err(ApiError::invalid(
+            "background",
+            "transparent backgrounds are not supported; use opaque or auto",
+        ));
+    }
+    let limits = info.limits.unwrap_or_default();
     let max_n = info.max_n.max(1);
-    let n = request.n.unwrap_or(1);
+    let n = options.n.unwrap_or(1);
     if !(1..=max_n).contains(&n) {
         return Err(ApiError::invalid(
             "n",
             format!("n must be between 1 and {max_n}, got {n}"),
         ));
     }
-    let (width, height) = resolve_size(request.size.as_deref(), info, &limits)?;
+    let (width, height) = resolve_size(options.size.as_deref(), auto_size, &limits)?;
     let (num_inference_steps, guidance_scale) = resolve_steps_and_guidance(
-        request.quality.as_deref(),
-        request.num_inference_steps,
-        request.guidance_scale,
+        options.quality.as_deref(),
+        options.num_inference_steps,
+        options.guidance_scale,
         info,
         &limits,
     )?;
-    let scheduler = match request.scheduler {
+    let scheduler = match options.scheduler {
         None => String::new(),
         Some(name) if info.schedulers.contains(&name) => name,
         Some(name) => {
@@ -164,8 +384,8 @@ pub fn validate_generation(
             ))
         }
     };
-    let loras = resolve_loras(request.lora_settings.unwrap_or_default(), info)?;
-    if let Some(compression) = request.output_compression {
+    let loras = resolve_loras(options.lora_settings.unwrap_or_default(), info)?;
+    if let Some(compression) = options.output_compression {
         if compression > 100 {
             return Err(ApiError::invalid(
                 "output_compression",
@@ -174,31 +394,36 @@ pub fn validate_generation(
         }
     }
     Ok(ValidGeneration {
-        prompt,
-        negative_prompt: request.negative_prompt.unwrap_or_default(),
+        endpoint: purpose.endpoint,
+        task: purpose.task,
+        prompt: purpose.prompt,
+        negative_prompt: options.negative_prompt.unwrap_or_default(),
         n,
         width,
         height,
-        seed: request.seed,
+        seed: options.seed,
         num_inference_steps,
         guidance_scale,
         scheduler,
         loras,
-        response_format: request.response_format.unwrap_or_default(),
-        output_format: request.output_format.unwrap_or_default(),
-        output_compression: request.output_compression,
-        quality: request.quality.unwrap_or_else(|| "auto".to_string()),
+        response_format: options.response_format.unwrap_or_default(),
+        output_format: options.output_format.unwrap_or_default(),
+        output_compression: options.output_compression,
+        quality: options.quality.unwrap_or_else(|| "auto".to_string()),
+        strength: None,
+        images: Vec::new(),
+        mask: None,
     })
 }
 
 /// `size` → (width, height); see the module docs for the rules.
 fn resolve_size(
     size: Option<&str>,
-    info: &InfoResponse,
+    auto_size: (u32, u32),
     limits: &Limits,
 ) -> Result<(u32, u32), ApiError> {
     let (width, height) = match size {
-        None | Some("auto") => (info.native_width, info.native_height),
+        None | Some("auto") => auto_size,
         Some(text) => parse_size(text).ok_or_else(|| {
             ApiError::invalid(
                 "size",
@@ -208,7 +433,7 @@ fn resolve_size(
             )
         })?,
     };
-    let multiple = limits.size_multiple.max(MIN_SIZE_MULTIPLE);
+    let multiple = size_multiple(limits);
     if width == 0 || height == 0 || width % multiple != 0 || height % multiple != 0 {
         return Err(ApiError::invalid(
             "size",
@@ -217,10 +442,7 @@ fn resolve_size(
             ),
         ));
     }
-    let max_pixels = match limits.max_pixels {
-        0 => FALLBACK_MAX_PIXELS,
-        max => max,
-    };
+    let max_pixels = max_pixels(limits);
     if u64::from(width) * u64::from(height) > max_pixels {
         return Err(ApiError::invalid(
             "size",
@@ -228,6 +450,68 @@ fn resolve_size(
         ));
     }
     Ok((width, height))
+}
+
+fn size_multiple(limits: &Limits) -> u32 {
+    limits.size_multiple.max(MIN_SIZE_MULTIPLE)
+}
+
+fn max_pixels(limits: &Limits) -> u64 {
+    match limits.max_pixels {
+        0 => FALLBACK_MAX_PIXELS,
+        max => max,
+    }
+}
+
+/// An input's size made valid for the model: scaled down (aspect kept) to fit `max_pixels`,
+/// each side rounded to the size multiple (at least one multiple). Rounding to the nearest
+/// multiple can overshoot the limit; then both sides round down instead, and an input too thin
+/// to fit even so has its long side cut to what the limit allows.
+fn fit_size(width: u32, height: u32, limits: &Limits) -> (u32, u32) {
+    let multiple = size_multiple(limits);
+    let max_pixels = max_pixels(limits);
+    let area = u64::from(width) * u64::from(height);
+    let scale = (max_pixels as f64 / area.max(1) as f64).sqrt().min(1.0);
+    let side = |length: u32, round: fn(f64) -> f64| -> u32 {
+        let multiples = round(f64::from(length) * scale / f64::from(multiple)).max(1.0);
+        (multiples as u32).saturating_mul(multiple)
+    };
+    let fits = |w: u32, h: u32| u64::from(w) * u64::from(h) <= max_pixels;
+    let (w, h) = (side(width, f64::round), side(height, f64::round));
+    if fits(w, h) {
+        return (w, h);
+    }
+    let (w, h) = (side(width, f64::floor), side(height, f64::floor));
+    if fits(w, h) {
+        return (w, h);
+    }
+    let longest = |short: u32| -> u32 {
+        let multiples = (max_pixels / u64::from(short) / u64::from(multiple)).max(1);
+        u32::try_from(multiples).unwrap_or(u32::MAX / multiple) * multiple
+    };
+    if w >= h {
+        (longest(h), h)
+    } else {
+        (w, longest(w))
+    }
+}
+
+/// `strength` in (0, 1]; absent = the model's default (when it reports one).
+fn resolve_strength(strength: Option<f64>, info: &InfoResponse) -> Result<Option<f32>, ApiError> {
+    let in_range = |value: &f32| *value > 0.0 && *value <= 1.0;
+    match strength {
+        None => Ok(info
+            .defaults
+            .as_ref()
+            .map(|defaults| defaults.strength)
+            .filter(in_range)),
+        Some(value) => finite_f32(value).filter(in_range).map(Some).ok_or_else(|| {
+            ApiError::invalid(
+                "strength",
+                format!("strength must be greater than 0 and at most 1, got {value}"),
+            )
+        }),
+    }
 }
 
 /// `"512x768"` → (512, 768); digits only, so signs, spaces and fractions are refused.
@@ -298,7 +582,7 @@ fn resolve_steps_and_guidance(
 }
 
 fn resolve_loras(
-    settings: Vec<crate::openai::LoraSetting>,
+    settings: Vec<LoraSetting>,
     info: &InfoResponse,
 ) -> Result<Vec<(String, f32)>, ApiError> {
     settings
@@ -341,6 +625,11 @@ mod tests {
         InfoResponse {
             model_id: "tiny-sd".into(),
             tasks: vec![Task::TextToImage as i32],
+            endpoints: vec![
+                Endpoint::Generations as i32,
+                Endpoint::Edits as i32,
+                Endpoint::Variations as i32,
+            ],
             max_n: 4,
             presets: vec![
                 Preset {
@@ -402,6 +691,8 @@ mod tests {
         assert_eq!(valid.output_format, OutputFormat::Png);
         let proto = valid.to_proto("req-1");
         assert_eq!(proto.task, Task::TextToImage as i32);
+        assert_eq!(proto.endpoint, Endpoint::Generations as i32);
+        assert!(proto.images.is_empty() && proto.mask.is_none() && proto.strength.is_none());
         assert_eq!(proto.request_id, "req-1");
         assert_eq!((proto.width, proto.height), (512, 512));
     }
@@ -628,12 +919,184 @@ mod tests {
     }
 
     #[test]
-    fn disabled_task_is_refused() {
+    fn disabled_endpoints_are_refused() {
         let mut info = info();
-        info.tasks = vec![Task::ImageToImage as i32];
+        info.endpoints = vec![Endpoint::Edits as i32];
         match validate_generation(request("x"), &info) {
-            Err(ApiError::TaskDisabled(_)) => {}
+            Err(ApiError::TaskDisabled(message)) => {
+                assert!(message.contains("generations_config.enabled"), "{message}");
+                assert!(message.contains("'tiny-sd'"), "{message}");
+            }
             other => panic!("expected TaskDisabled, got {other:?}"),
         }
+        assert!(validate_edit(edit("x"), vec![input(64, 64)], None, &info).is_ok());
+        assert!(matches!(
+            validate_variation(edit(""), vec![input(64, 64)], None, &info),
+            Err(ApiError::TaskDisabled(_))
+        ));
+    }
+
+    fn edit(prompt: &str) -> ImageEditRequest {
+        ImageEditRequest {
+            prompt: Some(prompt.into()),
+            ..Default::default()
+        }
+    }
+
+    fn input(width: u32, height: u32) -> InputImage {
+        InputImage {
+            param: "image".into(),
+            bytes: bytes::Bytes::from(format!("{width}x{height}")),
+            width,
+            height,
+        }
+    }
+
+    #[test]
+    fn edits_carry_their_inputs_and_pick_the_task_from_the_mask() {
+        let valid = validate_edit(
+            edit("a hat"),
+            vec![input(64, 48), input(32, 32)],
+            Some(input(64, 48)),
+            &info(),
+        )
+        .expect("valid");
+        assert_eq!(
+            (valid.endpoint, valid.task),
+            (Endpoint::Edits, Task::Inpaint)
+        );
+        assert_eq!((valid.width, valid.height), (64, 48));
+        assert_eq!(valid.strength, Some(0.8));
+        let proto = valid.to_proto("r");
+        assert_eq!(proto.images, vec![b"64x48".to_vec(), b"32x32".to_vec()]);
+        assert_eq!(proto.mask.as_deref(), Some(&b"64x48"[..]));
+        assert_eq!(proto.endpoint, Endpoint::Edits as i32);
+        assert_eq!(proto.task, Task::Inpaint as i32);
+        assert_eq!(proto.strength, Some(0.8));
+
+        let r = ImageEditRequest {
+            strength: Some(0.25),
+            size: Some("128x64".into()),
+            ..edit("a hat")
+        };
+        let valid = validate_edit(r, vec![input(64, 48)], None, &info()).expect("valid");
+        assert_eq!(valid.task, Task::ImageToImage);
+        assert_eq!(valid.strength, Some(0.25));
+        assert_eq!((valid.width, valid.height), (128, 64));
+        assert_eq!(valid.mask, None);
+    }
+
+    #[test]
+    fn edits_need_a_prompt_an_image_and_a_strength_in_range() {
+        assert_eq!(
+            param_of(validate_edit(edit(" "), vec![input(8, 8)], None, &info())),
+            "prompt"
+        );
+        assert_eq!(
+            param_of(validate_edit(edit("x"), vec![], None, &info())),
+            "image"
+        );
+        for strength in [0.0, -0.1, 1.01, f64::NAN, f64::INFINITY] {
+            let r = ImageEditRequest {
+                strength: Some(strength),
+                ..edit("x")
+            };
+            assert_eq!(
+                param_of(validate_edit(r, vec![input(8, 8)], None, &info())),
+                "strength",
+                "{strength}"
+            );
+        }
+        let r = ImageEditRequest {
+            strength: Some(1.0),
+            ..edit("x")
+        };
+        assert!(validate_edit(r, vec![input(8, 8)], None, &info()).is_ok());
+        // The shared rules apply to edits too.
+        let r = ImageEditRequest {
+            n: Some(9),
+            ..edit("x")
+        };
+        assert_eq!(
+            param_of(validate_edit(r, vec![input(8, 8)], None, &info())),
+            "n"
+        );
+    }
+
+    #[test]
+    fn variations_take_one_image_no_mask_and_an_optional_prompt() {
+        let valid =
+            validate_variation(edit("  "), vec![input(64, 64)], None, &info()).expect("valid");
+        assert_eq!(valid.prompt, "");
+        assert_eq!(
+            (valid.endpoint, valid.task),
+            (Endpoint::Variations, Task::ImageToImage)
+        );
+        let valid = validate_variation(edit("in winter"), vec![input(64, 64)], None, &info())
+            .expect("valid");
+        assert_eq!(valid.prompt, "in winter");
+        assert_eq!(
+            param_of(validate_variation(
+                edit(""),
+                vec![input(8, 8), input(8, 8)],
+                None,
+                &info()
+            )),
+            "image"
+        );
+        assert_eq!(
+            param_of(validate_variation(
+                edit(""),
+                vec![input(8, 8)],
+                Some(input(8, 8)),
+                &info()
+            )),
+            "mask"
+        );
+        assert_eq!(
+            param_of(validate_variation(edit(""), vec![], None, &info())),
+            "image"
+        );
+    }
+
+    #[test]
+    fn auto_size_follows_the_input() {
+        let limits = Limits {
+            max_pixels: 65536,
+            size_multiple: 8,
+            ..Default::default()
+        };
+        // Already valid: kept.
+        assert_eq!(fit_size(128, 64, &limits), (128, 64));
+        // Rounded to the nearest multiple of 8.
+        assert_eq!(fit_size(100, 61, &limits), (104, 64));
+        // Too large: scaled down keeping the aspect (1024x512 → 362x181 → 360x184 > limit → 360x176).
+        let (w, h) = fit_size(1024, 512, &limits);
+        assert!(u64::from(w) * u64::from(h) <= 65536, "{w}x{h}");
+        assert_eq!((w % 8, h % 8), (0, 0));
+        assert!((f64::from(w) / f64::from(h) - 2.0).abs() < 0.1, "{w}x{h}");
+        // Tiny and absurdly thin inputs still give a valid size.
+        assert_eq!(fit_size(3, 3, &limits), (8, 8));
+        let (w, h) = fit_size(1, 100_000, &limits);
+        assert_eq!(w, 8);
+        assert!(
+            u64::from(w) * u64::from(h) <= 65536 && h % 8 == 0,
+            "{w}x{h}"
+        );
+        // And through validation, with a multiple of 16.
+        let mut info = info();
+        info.limits = Some(Limits {
+            size_multiple: 16,
+            ..limits
+        });
+        let valid = validate_edit(edit("x"), vec![input(100, 61)], None, &info).expect("valid");
+        assert_eq!((valid.width, valid.height), (96, 64));
+        let r = ImageEditRequest {
+            size: Some("auto".into()),
+            ..edit("x")
+        };
+        let valid = validate_edit(r, vec![input(300, 200)], None, &info).expect("valid");
+        assert!(valid.width * valid.height <= 65536);
+        assert_eq!((valid.width % 16, valid.height % 16), (0, 0));
     }
 }

@@ -45,6 +45,12 @@ async fn b64_json_returns_decodable_images_in_index_order() {
         (2, 512, 512, Some(42))
     );
     assert_eq!(sent.prompt, "a red fox");
+    assert_eq!(sent.task, fastfusion_proto::Task::TextToImage as i32);
+    assert_eq!(
+        sent.endpoint,
+        fastfusion_proto::Endpoint::Generations as i32
+    );
+    assert!(sent.images.is_empty() && sent.mask.is_none());
     assert_eq!(sent.num_inference_steps, Some(20));
     assert_eq!(sent.guidance_scale, Some(7.5));
     assert!(!sent.request_id.is_empty());
@@ -404,10 +410,12 @@ async fn request_ids_are_echoed_and_forwarded() {
 async fn disabled_generation_is_404() {
     let mut pool = FakePool::new(Behaviour::Succeed);
     let mut info = common::tiny_info();
-    info.tasks = vec![fastfusion_proto::Task::Inpaint as i32];
+    info.endpoints = vec![fastfusion_proto::Endpoint::Edits as i32];
     pool.info = Arc::new(info);
     let app = app_with(Arc::new(pool), None, 1024);
     let reply = app.generate(r#"{"prompt":"x"}"#).await;
     reply.error_param(StatusCode::NOT_FOUND);
     assert_eq!(reply.json()["error"]["code"], "task_disabled");
+    let message = reply.json()["error"]["message"].to_string();
+    assert!(message.contains("generations_config.enabled"), "{message}");
 }

@@ -263,3 +263,51 @@ pub fn max_pixel_diff(a: &image::RgbImage, b: &image::RgbImage) -> Result<u8> {
         .max()
         .unwrap_or(0))
 }
+
+/// One part of a `multipart/form-data` body: a text field, or a file with its bytes.
+pub enum FormPart<'a> {
+    Text(&'a str, &'a str),
+    File(&'a str, &'a [u8]),
+}
+
+/// A `multipart/form-data` body as curl `-F` sends it; returns (Content-Type, body). Built by
+/// hand so the tests need no HTTP client feature for it and control every byte clients send.
+pub fn multipart_body(parts: &[FormPart<'_>]) -> (String, Vec<u8>) {
+    const BOUNDARY: &str = "----fastfusion-e2e-boundary";
+    let mut body = Vec::new();
+    for part in parts {
+        match part {
+            FormPart::Text(name, value) => body.extend_from_slice(
+                format!(
+                    "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+                )
+                .as_bytes(),
+            ),
+            FormPart::File(name, bytes) => {
+                body.extend_from_slice(
+                    format!(
+                        "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"; \
+                         filename=\"{name}.png\"\r\nContent-Type: image/png\r\n\r\n"
+                    )
+                    .as_bytes(),
+                );
+                body.extend_from_slice(bytes);
+                body.extend_from_slice(b"\r\n");
+            }
+        }
+    }
+    body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={BOUNDARY}"), body)
+}
+
+/// Encodes an image as PNG bytes.
+pub fn encode_png<P, C>(image: &image::ImageBuffer<P, C>) -> Result<Vec<u8>>
+where
+    P: image::PixelWithColorType,
+    [P::Subpixel]: image::EncodableLayout,
+    C: std::ops::Deref<Target = [P::Subpixel]>,
+{
+    let mut out = std::io::Cursor::new(Vec::new());
+    image.write_to(&mut out, image::ImageFormat::Png)?;
+    Ok(out.into_inner())
+}

@@ -2,12 +2,14 @@
 //!
 //! The engine only sees [`Backend`]; this module picks the implementation from the model's
 //! files (today: the Stable Diffusion 1.x/2.x family; SDXL and FLUX slot in here by
-//! `model_index.json`'s `_class_name`).
+//! `model_index.json`'s `_class_name`). Every task takes the shared generation parameters
+//! ([`TextToImage`]); image-to-image and inpainting add their input, already decoded and at the
+//! output size (see `crate::inputs`).
 
 use std::path::Path;
 
 use fastfusion_proto::ModelFamily;
-use image::RgbImage;
+use image::{GrayImage, RgbImage};
 
 use crate::error::Result;
 use crate::pipelines::stable_diffusion::{
@@ -27,6 +29,8 @@ pub struct ModelDescription {
     pub max_prompt_tokens: u32,
     /// The repo's own scheduler.
     pub default_scheduler: SchedulerKind,
+    /// An inpainting model (its UNet also takes the mask): it cannot do text-to-image.
+    pub inpainting_model: bool,
 }
 
 /// A loaded model that can make images. Runs on the model thread only (synchronous).
@@ -35,6 +39,23 @@ pub trait Backend: Send {
     fn text_to_image(
         &self,
         req: &TextToImage,
+        progress: &mut dyn Progress,
+    ) -> Result<Vec<RgbImage>>;
+    /// `req.n` images from `image`, keeping `1 - strength` of the way (0 < strength <= 1).
+    fn image_to_image(
+        &self,
+        req: &TextToImage,
+        image: &RgbImage,
+        strength: f64,
+        progress: &mut dyn Progress,
+    ) -> Result<Vec<RgbImage>>;
+    /// `req.n` images repainting `image` where `mask` is white.
+    fn inpaint(
+        &self,
+        req: &TextToImage,
+        image: &RgbImage,
+        mask: &GrayImage,
+        strength: f64,
         progress: &mut dyn Progress,
     ) -> Result<Vec<RgbImage>>;
 }
@@ -59,6 +80,7 @@ impl Backend for StableDiffusion {
             size_multiple: self.size_multiple().max(8),
             max_prompt_tokens: self.max_prompt_tokens() as u32,
             default_scheduler: self.default_scheduler(),
+            inpainting_model: self.is_inpainting_model(),
         }
     }
 
@@ -68,5 +90,26 @@ impl Backend for StableDiffusion {
         progress: &mut dyn Progress,
     ) -> Result<Vec<RgbImage>> {
         StableDiffusion::text_to_image(self, req, progress)
+    }
+
+    fn image_to_image(
+        &self,
+        req: &TextToImage,
+        image: &RgbImage,
+        strength: f64,
+        progress: &mut dyn Progress,
+    ) -> Result<Vec<RgbImage>> {
+        StableDiffusion::image_to_image(self, req, image, strength, progress)
+    }
+
+    fn inpaint(
+        &self,
+        req: &TextToImage,
+        image: &RgbImage,
+        mask: &GrayImage,
+        strength: f64,
+        progress: &mut dyn Progress,
+    ) -> Result<Vec<RgbImage>> {
+        StableDiffusion::inpaint(self, req, image, mask, strength, progress)
     }
 }

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 use fastfusion_proto::{OutputFormat, Timings};
+use image::{GrayImage, RgbImage};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::backend::{Backend, ModelDescription};
@@ -35,9 +36,27 @@ use crate::pipelines::stable_diffusion::{Progress, Stage, TextToImage};
 #[derive(Debug, Clone)]
 pub struct JobSpec {
     pub request_id: String,
+    /// The parameters every task shares.
     pub generation: TextToImage,
+    pub task: JobTask,
     pub output_format: OutputFormat,
     pub output_compression: Option<u32>,
+}
+
+/// The task of a job and its inputs, decoded and already at the output size.
+#[derive(Debug, Clone)]
+pub enum JobTask {
+    TextToImage,
+    ImageToImage {
+        image: RgbImage,
+        strength: f64,
+    },
+    /// `mask` is white where the model repaints.
+    Inpaint {
+        image: RgbImage,
+        mask: GrayImage,
+        strength: f64,
+    },
 }
 
 /// Everything a job reports back, in order. The stream ends after `Done` or `Failed`.
@@ -86,7 +105,8 @@ struct Job {
 
 enum Command {
     Submit {
-        job: Job,
+        /// Boxed: a job may carry decoded images, and commands are moved around a lot.
+        job: Box<Job>,
         reply: oneshot::Sender<Result<()>>,
     },
     /// The model thread is idle and wants the next job.
@@ -172,7 +192,10 @@ impl Engine {
             enqueued: Instant::now(),
         };
         self.commands
-            .send(Command::Submit { job, reply })
+            .send(Command::Submit {
+                job: Box::new(job),
+                reply,
+            })
             .map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())??;
         Ok(rx)
@@ -224,7 +247,7 @@ async fn run_queue(
                     let _ = job.events.send(JobEvent::Queued {
                         position: queue.len() as u32,
                     });
-                    queue.push_back(job);
+                    queue.push_back(*job);
                 }
                 let _ = reply.send(admitted);
             }
@@ -341,7 +364,18 @@ fn run_job(backend: &dyn Backend, job: Job) {
     };
     // A panic inside candle must not take the worker down with it.
     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        backend.text_to_image(&job.spec.generation, &mut progress)
+        let generation = &job.spec.generation;
+        match &job.spec.task {
+            JobTask::TextToImage => backend.text_to_image(generation, &mut progress),
+            JobTask::ImageToImage { image, strength } => {
+                backend.image_to_image(generation, image, *strength, &mut progress)
+            }
+            JobTask::Inpaint {
+                image,
+                mask,
+                strength,
+            } => backend.inpaint(generation, image, mask, *strength, &mut progress),
+        }
     }))
     .unwrap_or_else(|panic| {
         let what = panic

@@ -5,11 +5,13 @@
 //! ```text
 //! service.rs     gRPC adapter: GenerateRequest → ValidJob, WorkerError → tonic::Status, grpc.health.v1
 //! engine.rs      the job actor: bounded FIFO queue, one model thread, progress and cancellation
-//! pipelines/     text-to-image (and later image-to-image, inpaint) on the loaded model
+//! pipelines/     text-to-image, image-to-image and inpainting on the loaded model
 //! models/        unet, vae, clip text encoder, tokenizer — built from diffusers config.json files
 //! schedulers/    the denoising step rules, each matching its diffusers class
 //! rng.rs         torch's CPU generator, so a seed gives the same noise as diffusers
+//! inputs.rs      uploaded images and masks → validated, resized pixels
 //! encode.rs      RGB pixels → PNG / JPEG / WebP bytes
+//! vision.rs      a vision model's description as the prompt of a variation without one
 //! config.rs      model_config.json (the seed's schema) · hub.rs model resolution · device.rs
 //! ```
 //!
@@ -25,6 +27,7 @@ pub mod encode;
 pub mod engine;
 pub mod error;
 pub mod hub;
+pub mod inputs;
 pub mod models;
 pub mod pipelines;
 pub mod rng;

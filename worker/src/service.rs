@@ -4,6 +4,28 @@
 //! pipeline only sees complete values), hands it to the [`Engine`] and maps the job's events to the
 //! response stream. [`WorkerError`] becomes a `tonic::Status` in exactly one place
 //! (`impl From<WorkerError> for Status`), with the offending parameter in the `ff-param` metadata.
+//!
+//! ```text
+//! GenerateRequest ─validate─▶ Validated (fields checked, defaults resolved, uploads still bytes)
+//!   ─decode uploads (blocking pool)─▶ [variation without prompt: vision model or default prompt]
+//!   ─▶ JobSpec ─▶ Engine
+//! ```
+//!
+//! Endpoints and tasks (`GenerateRequest.endpoint`, `.task`):
+//! * GENERATIONS serves TEXT_TO_IMAGE; EDITS serves IMAGE_TO_IMAGE (no mask) and INPAINT (with a
+//!   mask); VARIATIONS serves IMAGE_TO_IMAGE. A request without an endpoint is taken as coming
+//!   through GENERATIONS for text-to-image and EDITS otherwise. An endpoint switched off in the
+//!   config (`*_config.enabled`) answers FAILED_PRECONDITION, and `Info` lists only enabled ones.
+//! * Image tasks need at least one image; the first is edited. Further images (OpenAI's
+//!   `image[]`) are accepted and unused by the Stable Diffusion family (logged at debug level).
+//!   A mask belongs to INPAINT only.
+//! * `strength` must be in (0, 1] and leave at least one step (`int(steps × strength) ≥ 1`, as
+//!   diffusers requires). Absent, it is `pipeline.default_strength` for image-to-image (edits
+//!   without a mask, variations) and 1.0 for inpainting: diffusers' own default there, which
+//!   repaints the masked area from pure noise, what an OpenAI edit with a mask means.
+//! * A variation's prompt is optional. Without one, the configured vision model
+//!   (`variations_config.vision_model`, when not empty) describes the image; if that fails (a
+//!   warning is logged) or none is configured, [`crate::vision::DEFAULT_VARIATION_PROMPT`] is used.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -12,8 +34,8 @@ use std::sync::Arc;
 use fastfusion_proto::worker_server::{Worker, WorkerServer};
 use fastfusion_proto::{
     generate_event, Defaults, Done, Endpoint, GenerateEvent, GenerateRequest, Image, InfoRequest,
-    InfoResponse, Limits, ModelFamily, OutputFormat, Preset, Progress, Queued, Started, Task,
-    PARAM_METADATA_KEY,
+    InfoResponse, Limits, MaskMode, ModelFamily, OutputFormat, Preset, Progress, Queued, Started,
+    Task, PARAM_METADATA_KEY,
 };
 use futures::Stream;
 use tokio::net::TcpListener;
@@ -24,10 +46,12 @@ use tonic_health::ServingStatus;
 
 use crate::backend::ModelDescription;
 use crate::config::ModelConfig;
-use crate::engine::{Engine, EngineState, JobEvent, JobSpec};
+use crate::engine::{Engine, EngineState, JobEvent, JobSpec, JobTask};
 use crate::error::{Result, WorkerError};
-use crate::pipelines::stable_diffusion::TextToImage;
+use crate::inputs;
+use crate::pipelines::stable_diffusion::{first_step, TextToImage};
 use crate::schedulers::SchedulerKind;
+use crate::vision::{describe_image, VisionSettings, DEFAULT_VARIATION_PROMPT};
 
 /// Largest gRPC message either way: a request may carry uploaded images, an event one encoded
 /// image of up to the configured pixel limit.
@@ -46,22 +70,55 @@ impl WorkerService {
     }
 
     /// Resolves defaults and checks every field against the config and the loaded model.
-    fn validate(&self, req: GenerateRequest, model: &ModelDescription) -> Result<JobSpec> {
+    /// Uploads are only checked for presence here; [`Validated::prepare_job`] decodes them.
+    fn validate(&self, mut req: GenerateRequest, model: &ModelDescription) -> Result<Validated> {
         let pipeline = &self.config.pipeline;
         let task =
             Task::try_from(req.task).map_err(|_| WorkerError::invalid("task", "unknown task"))?;
-        match task {
-            Task::TextToImage if pipeline.generations_config.enabled => {}
-            Task::TextToImage => return Err(WorkerError::TaskDisabled("image generation".into())),
-            Task::Unspecified => return Err(WorkerError::invalid("task", "no task given")),
-            Task::ImageToImage | Task::Inpaint | Task::Redux => {
-                return Err(WorkerError::TaskDisabled(format!(
-                    "{} (not supported by this worker yet)",
-                    task.as_str_name()
-                )))
+        let endpoint = Endpoint::try_from(req.endpoint)
+            .map_err(|_| WorkerError::invalid("endpoint", "unknown endpoint"))?;
+        let endpoint = match (endpoint, task) {
+            (_, Task::Unspecified) => return Err(WorkerError::invalid("task", "no task given")),
+            (Endpoint::Unspecified, Task::TextToImage) => Endpoint::Generations,
+            (Endpoint::Unspecified, _) => Endpoint::Edits,
+            (endpoint, _) => endpoint,
+        };
+        let (enabled, name) = match endpoint {
+            Endpoint::Generations => (pipeline.generations_config.enabled, "image generation"),
+            Endpoint::Edits => (pipeline.edits_config.enabled, "image editing"),
+            Endpoint::Variations => (pipeline.variations_config.enabled, "image variations"),
+            Endpoint::Unspecified => (false, "an unspecified endpoint"),
+        };
+        if !enabled {
+            return Err(WorkerError::TaskDisabled(name.into()));
+        }
+        match (endpoint, task) {
+            (_, Task::Redux) => {
+                return Err(WorkerError::TaskDisabled(
+                    "redux (not supported by this model family)".into(),
+                ))
+            }
+            (Endpoint::Generations, Task::TextToImage)
+            | (Endpoint::Edits, Task::ImageToImage | Task::Inpaint)
+            | (Endpoint::Variations, Task::ImageToImage) => {}
+            (endpoint, task) => {
+                return Err(WorkerError::invalid(
+                    "task",
+                    format!(
+                        "{} does not belong to {}",
+                        task.as_str_name(),
+                        endpoint.as_str_name()
+                    ),
+                ))
             }
         }
-        if req.prompt.trim().is_empty() {
+        if task == Task::TextToImage && model.inpainting_model {
+            return Err(WorkerError::TaskDisabled(
+                "text-to-image with an inpainting model".into(),
+            ));
+        }
+        let describe = endpoint == Endpoint::Variations && req.prompt.trim().is_empty();
+        if req.prompt.trim().is_empty() && !describe {
             return Err(WorkerError::invalid("prompt", "must not be empty"));
         }
         let max_n = pipeline.max_n;
@@ -112,24 +169,158 @@ impl WorkerService {
                 format!("must be between 0 and 100, got {c}"),
             ));
         }
-        Ok(JobSpec {
-            request_id: req.request_id,
-            generation: TextToImage {
-                prompt: req.prompt,
-                negative_prompt: req.negative_prompt,
-                n: req.n as usize,
-                width: req.width as usize,
-                height: req.height as usize,
-                // A random seed stays within 32 bits: torch only uses those, and JSON clients
-                // that parse numbers as doubles get it back exactly.
-                seed: req.seed.unwrap_or_else(|| u64::from(rand::random::<u32>())),
-                steps,
-                guidance_scale,
-                scheduler,
+        let uploads = self.uploads(task, &mut req, steps)?;
+        Ok(Validated {
+            describe,
+            uploads,
+            spec: JobSpec {
+                request_id: req.request_id,
+                generation: TextToImage {
+                    prompt: req.prompt,
+                    negative_prompt: req.negative_prompt,
+                    n: req.n as usize,
+                    width: req.width as usize,
+                    height: req.height as usize,
+                    // A random seed stays within 32 bits: torch only uses those, and JSON clients
+                    // that parse numbers as doubles get it back exactly.
+                    seed: req.seed.unwrap_or_else(|| u64::from(rand::random::<u32>())),
+                    steps,
+                    guidance_scale,
+                    scheduler,
+                },
+                task: JobTask::TextToImage,
+                output_format,
+                output_compression: req.output_compression,
             },
-            output_format,
-            output_compression: req.output_compression,
         })
+    }
+
+    /// Checks the images, mask and strength a task needs (and that others bring none).
+    fn uploads(&self, task: Task, req: &mut GenerateRequest, steps: usize) -> Result<Uploads> {
+        if task == Task::TextToImage {
+            if !req.images.is_empty() {
+                return Err(WorkerError::invalid(
+                    "image",
+                    "text-to-image takes no input image",
+                ));
+            }
+            if req.mask.is_some() {
+                return Err(WorkerError::invalid("mask", "text-to-image takes no mask"));
+            }
+            return Ok(Uploads::None);
+        }
+        if req.images.is_empty() {
+            return Err(WorkerError::invalid(
+                "image",
+                "at least one image is required",
+            ));
+        }
+        if req.images.len() > 1 {
+            tracing::debug!(
+                request_id = %req.request_id,
+                images = req.images.len(),
+                "only the first input image is used by this model family"
+            );
+        }
+        let mask_mode = MaskMode::try_from(req.mask_mode)
+            .map_err(|_| WorkerError::invalid("mask_mode", "unknown mask mode"))?;
+        let default_strength = match task {
+            Task::Inpaint => 1.0,
+            _ => self.config.pipeline.default_strength,
+        };
+        let strength = req.strength.map_or(default_strength, exact_f64);
+        if !(strength > 0.0 && strength <= 1.0) {
+            return Err(WorkerError::invalid(
+                "strength",
+                format!("must be in (0, 1], got {strength}"),
+            ));
+        }
+        first_step(steps, strength)?;
+        // The first image is the one edited; the bytes move into the job, not copied.
+        let image = std::mem::take(&mut req.images).swap_remove(0);
+        match (task, req.mask.take()) {
+            (Task::Inpaint, Some(mask)) => Ok(Uploads::Inpaint {
+                image,
+                mask,
+                mask_mode,
+                strength,
+            }),
+            (Task::Inpaint, None) => Err(WorkerError::invalid("mask", "inpainting needs a mask")),
+            (_, Some(_)) => Err(WorkerError::invalid(
+                "mask",
+                "a mask is only accepted for inpainting (task INPAINT)",
+            )),
+            (_, None) => Ok(Uploads::Image { image, strength }),
+        }
+    }
+
+    /// The prompt for a variation that came without one: the vision model's description of
+    /// `image`, else the default prompt. Never fails: a vision problem is only a warning.
+    async fn variation_prompt(&self, image: &image::RgbImage) -> String {
+        let Some(settings) = VisionSettings::from_config(&self.config.pipeline.variations_config)
+        else {
+            return DEFAULT_VARIATION_PROMPT.to_string();
+        };
+        let png = match crate::encode::encode(image, OutputFormat::Png, None) {
+            Ok(png) => png,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot encode the image for the vision model; using the default prompt");
+                return DEFAULT_VARIATION_PROMPT.to_string();
+            }
+        };
+        match describe_image(&settings, &png).await {
+            Ok(prompt) if !prompt.trim().is_empty() => prompt,
+            Ok(_) => {
+                tracing::warn!(
+                    "the vision model answered with an empty prompt; using the default prompt"
+                );
+                DEFAULT_VARIATION_PROMPT.to_string()
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the vision model failed; using the default prompt");
+                DEFAULT_VARIATION_PROMPT.to_string()
+            }
+        }
+    }
+
+    /// Decodes the uploads off the async threads, fills in a variation's prompt and returns the
+    /// job to queue.
+    async fn prepare_job(&self, valid: Validated) -> Result<JobSpec> {
+        let Validated {
+            mut spec,
+            uploads,
+            describe,
+        } = valid;
+        let (width, height) = (spec.generation.width as u32, spec.generation.height as u32);
+        let decode = move || -> Result<JobTask> {
+            let max = inputs::MAX_INPUT_PIXELS;
+            Ok(match uploads {
+                Uploads::None => JobTask::TextToImage,
+                Uploads::Image { image, strength } => JobTask::ImageToImage {
+                    image: inputs::load_image(&image, width, height, max)?,
+                    strength,
+                },
+                Uploads::Inpaint {
+                    image,
+                    mask,
+                    mask_mode,
+                    strength,
+                } => JobTask::Inpaint {
+                    image: inputs::load_image(&image, width, height, max)?,
+                    mask: inputs::load_mask(&mask, mask_mode, width, height, max)?,
+                    strength,
+                },
+            })
+        };
+        spec.task = tokio::task::spawn_blocking(decode)
+            .await
+            .map_err(|e| WorkerError::Internal(format!("decoding the uploads: {e}")))??;
+        if describe {
+            if let JobTask::ImageToImage { image, .. } = &spec.task {
+                spec.generation.prompt = self.variation_prompt(image).await;
+            }
+        }
+        Ok(spec)
     }
 
     /// The request's scheduler, else the config's override, else the repo's own.
@@ -155,11 +346,24 @@ impl WorkerService {
             EngineState::Ready(d) => Some(d.clone()),
             EngineState::Loading | EngineState::Failed(_) => None,
         };
+        let inpainting_model = description.as_ref().is_some_and(|d| d.inpainting_model);
         let mut tasks = Vec::new();
         let mut endpoints = Vec::new();
         if pipeline.generations_config.enabled {
-            tasks.push(Task::TextToImage as i32);
             endpoints.push(Endpoint::Generations as i32);
+            if !inpainting_model {
+                tasks.push(Task::TextToImage as i32);
+            }
+        }
+        if pipeline.edits_config.enabled {
+            endpoints.push(Endpoint::Edits as i32);
+            tasks.extend([Task::ImageToImage as i32, Task::Inpaint as i32]);
+        }
+        if pipeline.variations_config.enabled {
+            endpoints.push(Endpoint::Variations as i32);
+            if !tasks.contains(&(Task::ImageToImage as i32)) {
+                tasks.push(Task::ImageToImage as i32);
+            }
         }
         let default_scheduler = pipeline
             .scheduler
@@ -219,6 +423,36 @@ impl WorkerService {
     }
 }
 
+/// A request whose fields are checked; the uploads are still bytes.
+struct Validated {
+    /// Complete but for `task`, which [`WorkerService::prepare_job`] fills in from `uploads`.
+    spec: JobSpec,
+    uploads: Uploads,
+    /// A variation without a prompt: the prompt comes from the image.
+    describe: bool,
+}
+
+/// The uploads a task needs, as received.
+enum Uploads {
+    None,
+    Image {
+        image: Vec<u8>,
+        strength: f64,
+    },
+    Inpaint {
+        image: Vec<u8>,
+        mask: Vec<u8>,
+        mask_mode: MaskMode,
+        strength: f64,
+    },
+}
+
+/// The float64 a client meant by a float32 field: its shortest decimal form (0.7f32 is
+/// 0.699999988 as a float64, and `int(10 × that)` would run 6 steps where diffusers runs 7).
+fn exact_f64(value: f32) -> f64 {
+    value.to_string().parse().unwrap_or(f64::from(value))
+}
+
 /// Width and height: positive, multiples of the model's multiple, within the pixel budget.
 fn check_size(width: u32, height: u32, multiple: u32, max_pixels: u64) -> Result<()> {
     let multiple = multiple.max(1);
@@ -265,7 +499,8 @@ impl Worker for WorkerService {
             }
             EngineState::Failed(msg) => return Err(WorkerError::Unavailable(msg).into()),
         };
-        let spec = self.validate(request.into_inner(), &model)?;
+        let valid = self.validate(request.into_inner(), &model)?;
+        let spec = self.prepare_job(valid).await?;
         let seed = spec.generation.seed;
         let format = spec.output_format;
         let (steps, guidance, scheduler) = (

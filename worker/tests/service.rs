@@ -1,5 +1,6 @@
 //! The gRPC service and the job engine, in-process over a real socket, with a scripted backend:
-//! event order, validation statuses, health while loading, queue limits, cancellation and panics.
+//! event order, validation statuses, health while loading, queue limits, cancellation and panics;
+//! endpoint switches and what image tasks deliver to the backend.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -8,7 +9,9 @@ use std::time::Duration;
 use candle_core::{Device, Tensor};
 use fastfusion_proto::generate_event::Event;
 use fastfusion_proto::worker_client::WorkerClient;
-use fastfusion_proto::{GenerateRequest, InfoRequest, LoraSetting, ModelFamily, Task};
+use fastfusion_proto::{
+    Endpoint, GenerateRequest, InfoRequest, LoraSetting, MaskMode, ModelFamily, Task,
+};
 use fastfusion_worker::backend::{Backend, ModelDescription};
 use fastfusion_worker::config::ModelConfig;
 use fastfusion_worker::engine::Engine;
@@ -16,7 +19,8 @@ use fastfusion_worker::error::{Result, WorkerError};
 use fastfusion_worker::pipelines::stable_diffusion::{Progress, TextToImage};
 use fastfusion_worker::schedulers::SchedulerKind;
 use fastfusion_worker::service::{self, WorkerService};
-use image::RgbImage;
+use fastfusion_worker::vision::DEFAULT_VARIATION_PROMPT;
+use image::{GrayImage, RgbImage};
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -30,6 +34,19 @@ struct Scripted {
     steps_run: Arc<AtomicUsize>,
     /// Requests seen, in order.
     seen: Arc<Mutex<Vec<TextToImage>>>,
+    /// The inputs of image tasks, in order.
+    edits: Arc<Mutex<Vec<EditSeen>>>,
+    /// Describe the model as an inpainting model.
+    inpainting: bool,
+}
+
+/// What an image task brought to the backend.
+#[derive(Debug, Clone)]
+struct EditSeen {
+    prompt: String,
+    image: RgbImage,
+    mask: Option<GrayImage>,
+    strength: f64,
 }
 
 impl Backend for Scripted {
@@ -41,7 +58,31 @@ impl Backend for Scripted {
             size_multiple: 8,
             max_prompt_tokens: 77,
             default_scheduler: SchedulerKind::Pndm,
+            inpainting_model: self.inpainting,
         }
+    }
+
+    fn image_to_image(
+        &self,
+        req: &TextToImage,
+        image: &RgbImage,
+        strength: f64,
+        progress: &mut dyn Progress,
+    ) -> Result<Vec<RgbImage>> {
+        self.record_edit(req, image, None, strength);
+        self.text_to_image(req, progress)
+    }
+
+    fn inpaint(
+        &self,
+        req: &TextToImage,
+        image: &RgbImage,
+        mask: &GrayImage,
+        strength: f64,
+        progress: &mut dyn Progress,
+    ) -> Result<Vec<RgbImage>> {
+        self.record_edit(req, image, Some(mask), strength);
+        self.text_to_image(req, progress)
     }
 
     fn text_to_image(
@@ -76,28 +117,63 @@ impl Backend for Scripted {
     }
 }
 
+impl Scripted {
+    fn record_edit(
+        &self,
+        req: &TextToImage,
+        image: &RgbImage,
+        mask: Option<&GrayImage>,
+        strength: f64,
+    ) {
+        if let Ok(mut edits) = self.edits.lock() {
+            edits.push(EditSeen {
+                prompt: req.prompt.clone(),
+                image: image.clone(),
+                mask: mask.cloned(),
+                strength,
+            });
+        }
+    }
+}
+
 struct Harness {
     client: WorkerClient<Channel>,
     health: HealthClient<Channel>,
     steps_run: Arc<AtomicUsize>,
     seen: Arc<Mutex<Vec<TextToImage>>>,
+    edits: Arc<Mutex<Vec<EditSeen>>>,
     /// Lets the model "finish loading".
     release: Option<oneshot::Sender<()>>,
 }
 
 async fn start(max_queue: usize, step_time: Duration, loaded: bool) -> Harness {
+    start_with(max_queue, step_time, loaded, false, |_| {}).await
+}
+
+/// [`start`] with the config adjusted by `configure`, optionally as an inpainting model.
+async fn start_with(
+    max_queue: usize,
+    step_time: Duration,
+    loaded: bool,
+    inpainting: bool,
+    configure: impl FnOnce(&mut ModelConfig),
+) -> Harness {
     let mut config = ModelConfig::for_model("scripted");
     config.pipeline.max_n = 3;
     config.pipeline.max_queue = max_queue;
     config.pipeline.max_pixels = 128 * 128;
     config.pipeline.global_num_inference_steps = 3;
     config.pipeline.max_steps = 50;
+    configure(&mut config);
     let steps_run = Arc::new(AtomicUsize::new(0));
     let seen = Arc::new(Mutex::new(Vec::new()));
+    let edits = Arc::new(Mutex::new(Vec::new()));
     let backend = Scripted {
         step_time,
         steps_run: steps_run.clone(),
         seen: seen.clone(),
+        edits: edits.clone(),
+        inpainting,
     };
     let (release, released) = oneshot::channel::<()>();
     let engine = Engine::start(max_queue, move || {
@@ -123,6 +199,7 @@ async fn start(max_queue: usize, step_time: Duration, loaded: bool) -> Harness {
         health: HealthClient::new(channel),
         steps_run,
         seen,
+        edits,
         release: Some(release),
     };
     if loaded {
@@ -487,4 +564,412 @@ async fn a_panicking_pipeline_is_an_internal_error_and_the_worker_goes_on() {
         .await
         .expect("still serving");
     assert!(matches!(events.last(), Some(Event::Done(_))));
+}
+
+/// PNG bytes of `image`.
+fn png(image: image::DynamicImage) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    image
+        .write_to(&mut out, image::ImageFormat::Png)
+        .expect("encode png");
+    out.into_inner()
+}
+
+/// A 32×24 picture of one colour.
+fn picture(rgb: [u8; 3]) -> Vec<u8> {
+    png(RgbImage::from_pixel(32, 24, image::Rgb(rgb)).into())
+}
+
+/// A 16×16 OpenAI mask: the left half transparent (repaint), the right half opaque.
+fn alpha_mask() -> Vec<u8> {
+    png(image::RgbaImage::from_fn(16, 16, |x, _| {
+        image::Rgba([0, 0, 0, if x < 8 { 0 } else { 255 }])
+    })
+    .into())
+}
+
+fn edit(task: Task, endpoint: Endpoint) -> GenerateRequest {
+    GenerateRequest {
+        task: task as i32,
+        endpoint: endpoint as i32,
+        images: vec![picture([200, 10, 10])],
+        ..request("a red square")
+    }
+}
+
+fn enable_all(config: &mut ModelConfig) {
+    config.pipeline.generations_config.enabled = true;
+    config.pipeline.edits_config.enabled = true;
+    config.pipeline.variations_config.enabled = true;
+    // No vision model unless a test sets one.
+    config.pipeline.variations_config.vision_model = String::new();
+}
+
+async fn info_of(h: &mut Harness) -> fastfusion_proto::InfoResponse {
+    h.client
+        .info(InfoRequest {})
+        .await
+        .expect("info")
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn info_lists_what_the_config_enables() {
+    let mut h = start_with(4, Duration::ZERO, true, false, enable_all).await;
+    let info = info_of(&mut h).await;
+    let ids = |v: &[Endpoint]| v.iter().map(|e| *e as i32).collect::<Vec<_>>();
+    assert_eq!(
+        info.endpoints,
+        ids(&[Endpoint::Generations, Endpoint::Edits, Endpoint::Variations])
+    );
+    assert_eq!(
+        info.tasks,
+        vec![
+            Task::TextToImage as i32,
+            Task::ImageToImage as i32,
+            Task::Inpaint as i32
+        ]
+    );
+    assert_eq!(info.defaults.map(|d| d.strength), Some(0.8));
+
+    let mut h = start_with(4, Duration::ZERO, true, false, |c| {
+        c.pipeline.generations_config.enabled = false;
+        c.pipeline.variations_config.enabled = true;
+    })
+    .await;
+    let info = info_of(&mut h).await;
+    assert_eq!(info.endpoints, ids(&[Endpoint::Variations]));
+    assert_eq!(info.tasks, vec![Task::ImageToImage as i32]);
+
+    // An inpainting model cannot do text-to-image, whatever the config says.
+    let mut h = start_with(4, Duration::ZERO, true, true, enable_all).await;
+    let info = info_of(&mut h).await;
+    assert!(!info.tasks.contains(&(Task::TextToImage as i32)));
+    let err = collect(&mut h.client, request("a cat"))
+        .await
+        .expect_err("text-to-image on an inpainting model");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disabled_endpoints_fail_their_precondition() {
+    // The default config serves generations only.
+    let mut h = start(4, Duration::ZERO, true).await;
+    for req in [
+        edit(Task::ImageToImage, Endpoint::Edits),
+        edit(Task::ImageToImage, Endpoint::Variations),
+        // Without an endpoint an image task counts as an edit.
+        edit(Task::ImageToImage, Endpoint::Unspecified),
+    ] {
+        let err = collect(&mut h.client, req).await.expect_err("disabled");
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    }
+    let mut h = start_with(4, Duration::ZERO, true, false, |c| {
+        c.pipeline.generations_config.enabled = false;
+        c.pipeline.edits_config.enabled = true;
+    })
+    .await;
+    let err = collect(&mut h.client, request("a cat"))
+        .await
+        .expect_err("generations off");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(err.message().contains("generation"), "{err:?}");
+    collect(&mut h.client, edit(Task::ImageToImage, Endpoint::Edits))
+        .await
+        .expect("edits on");
+    assert_eq!(h.steps_run.load(Ordering::SeqCst), 3, "only the edit ran");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_image_requests_name_their_parameter() {
+    let mut h = start_with(4, Duration::ZERO, true, false, enable_all).await;
+    let inpaint = || GenerateRequest {
+        mask: Some(alpha_mask()),
+        ..edit(Task::Inpaint, Endpoint::Edits)
+    };
+    let i2i = || edit(Task::ImageToImage, Endpoint::Edits);
+    let cases: Vec<(GenerateRequest, tonic::Code, &str)> = vec![
+        (
+            GenerateRequest {
+                images: vec![],
+                ..i2i()
+            },
+            tonic::Code::InvalidArgument,
+            "image",
+        ),
+        (
+            GenerateRequest {
+                images: vec![b"GIF89a not really".to_vec()],
+                ..i2i()
+            },
+            tonic::Code::InvalidArgument,
+            "image",
+        ),
+        (
+            GenerateRequest {
+                images: vec![b"\x89PNG\r\n\x1a\n truncated".to_vec()],
+                ..inpaint()
+            },
+            tonic::Code::InvalidArgument,
+            "image",
+        ),
+        (
+            GenerateRequest {
+                mask: None,
+                ..inpaint()
+            },
+            tonic::Code::InvalidArgument,
+            "mask",
+        ),
+        (
+            GenerateRequest {
+                mask: Some(b"not a mask".to_vec()),
+                ..inpaint()
+            },
+            tonic::Code::InvalidArgument,
+            "mask",
+        ),
+        (
+            GenerateRequest {
+                mask: Some(alpha_mask()),
+                ..i2i()
+            },
+            tonic::Code::InvalidArgument,
+            "mask",
+        ),
+        (
+            GenerateRequest {
+                // An RGB picture has no alpha channel to read.
+                mask: Some(picture([255, 255, 255])),
+                mask_mode: MaskMode::Alpha as i32,
+                ..inpaint()
+            },
+            tonic::Code::InvalidArgument,
+            "mask",
+        ),
+        (
+            GenerateRequest {
+                mask_mode: 7,
+                ..inpaint()
+            },
+            tonic::Code::InvalidArgument,
+            "mask_mode",
+        ),
+        (
+            GenerateRequest {
+                images: vec![picture([1, 2, 3])],
+                ..request("x")
+            },
+            tonic::Code::InvalidArgument,
+            "image",
+        ),
+        (
+            edit(Task::Inpaint, Endpoint::Variations),
+            tonic::Code::InvalidArgument,
+            "task",
+        ),
+        (
+            edit(Task::ImageToImage, Endpoint::Generations),
+            tonic::Code::InvalidArgument,
+            "task",
+        ),
+        (
+            GenerateRequest {
+                endpoint: 9,
+                ..i2i()
+            },
+            tonic::Code::InvalidArgument,
+            "endpoint",
+        ),
+        (
+            GenerateRequest {
+                prompt: String::new(),
+                ..i2i()
+            },
+            tonic::Code::InvalidArgument,
+            "prompt",
+        ),
+    ];
+    let strengths = [0.0, -0.5, 1.5, f32::NAN, 0.1];
+    let cases = cases.into_iter().chain(strengths.iter().map(|&s| {
+        (
+            // 0.1 × 3 steps leaves no step to run.
+            GenerateRequest {
+                strength: Some(s),
+                ..i2i()
+            },
+            tonic::Code::InvalidArgument,
+            "strength",
+        )
+    }));
+    for (req, code, name) in cases {
+        let err = collect(&mut h.client, req).await.expect_err(name);
+        assert_eq!(err.code(), code, "{name}: {err:?}");
+        assert_eq!(param(&err).as_deref(), Some(name), "{err:?}");
+    }
+    let err = collect(
+        &mut h.client,
+        GenerateRequest {
+            task: Task::Redux as i32,
+            ..edit(Task::ImageToImage, Endpoint::Variations)
+        },
+    )
+    .await
+    .expect_err("redux");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(
+        h.steps_run.load(Ordering::SeqCst),
+        0,
+        "nothing invalid reached the model"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_tasks_reach_the_backend_decoded_at_the_output_size() {
+    let mut h = start_with(4, Duration::ZERO, true, false, enable_all).await;
+    // Image-to-image: the default strength; extra images are accepted, the first is edited.
+    let events = collect(
+        &mut h.client,
+        GenerateRequest {
+            images: vec![picture([200, 10, 10]), picture([10, 10, 200])],
+            ..edit(Task::ImageToImage, Endpoint::Edits)
+        },
+    )
+    .await
+    .expect("image-to-image");
+    assert!(matches!(events.last(), Some(Event::Done(_))), "{events:?}");
+    // A float32 strength arrives as the decimal the client meant.
+    collect(
+        &mut h.client,
+        GenerateRequest {
+            strength: Some(0.7),
+            ..edit(Task::ImageToImage, Endpoint::Edits)
+        },
+    )
+    .await
+    .expect("strength 0.7");
+    // Inpainting with an OpenAI mask: strength 1 by default, the mask white where transparent.
+    collect(
+        &mut h.client,
+        GenerateRequest {
+            mask: Some(alpha_mask()),
+            ..edit(Task::Inpaint, Endpoint::Edits)
+        },
+    )
+    .await
+    .expect("inpaint");
+    // Variations without a prompt and without a vision model: the default prompt.
+    collect(
+        &mut h.client,
+        GenerateRequest {
+            prompt: String::new(),
+            ..edit(Task::ImageToImage, Endpoint::Variations)
+        },
+    )
+    .await
+    .expect("variation");
+
+    let edits = h.edits.lock().expect("lock").clone();
+    assert_eq!(edits.len(), 4);
+    for e in &edits {
+        assert_eq!(e.image.dimensions(), (64, 48), "resized to the output size");
+    }
+    assert_eq!(
+        edits[0].image.get_pixel(32, 24).0,
+        [200, 10, 10],
+        "first image"
+    );
+    assert_eq!(edits[0].strength, 0.8);
+    assert!(edits[0].mask.is_none());
+    assert_eq!(edits[1].strength, 0.7);
+    let mask = edits[2].mask.as_ref().expect("inpaint mask");
+    assert_eq!(mask.dimensions(), (64, 48));
+    assert_eq!(mask.get_pixel(4, 24).0, [255], "transparent = repaint");
+    assert_eq!(mask.get_pixel(60, 24).0, [0], "opaque = keep");
+    assert_eq!(edits[2].strength, 1.0);
+    assert_eq!(edits[2].prompt, "a red square");
+    assert_eq!(edits[3].prompt, DEFAULT_VARIATION_PROMPT);
+    assert_eq!(edits[3].strength, 0.8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_vision_model_falls_back_to_the_default_prompt() {
+    let mut h = start_with(4, Duration::ZERO, true, false, |c| {
+        enable_all(c);
+        c.pipeline.variations_config.vision_model = "gpt-4o".into();
+        // Nothing listens on port 1: the call fails at once.
+        c.pipeline.variations_config.vision_model_host = "http://127.0.0.1:1".into();
+    })
+    .await;
+    collect(
+        &mut h.client,
+        GenerateRequest {
+            prompt: String::new(),
+            ..edit(Task::ImageToImage, Endpoint::Variations)
+        },
+    )
+    .await
+    .expect("a vision failure is not the client's problem");
+    collect(
+        &mut h.client,
+        GenerateRequest {
+            prompt: "keep my prompt".into(),
+            ..edit(Task::ImageToImage, Endpoint::Variations)
+        },
+    )
+    .await
+    .expect("variation with a prompt");
+    let edits = h.edits.lock().expect("lock").clone();
+    assert_eq!(edits[0].prompt, DEFAULT_VARIATION_PROMPT);
+    assert_eq!(edits[1].prompt, "keep my prompt");
+}
+
+/// A chat-completions server that answers with a fixed description and keeps the request bodies.
+async fn vision_server(bodies: Arc<Mutex<Vec<serde_json::Value>>>) -> std::net::SocketAddr {
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(move |axum::Json(body): axum::Json<serde_json::Value>| {
+            let bodies = bodies.clone();
+            async move {
+                bodies.lock().expect("lock").push(body);
+                axum::Json(serde_json::json!({
+                    "choices": [{"message": {"role": "assistant", "content": "a red square"}}]
+                }))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await.expect("vision server") });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_variation_without_prompt_asks_the_vision_model() {
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let addr = vision_server(bodies.clone()).await;
+    let mut h = start_with(4, Duration::ZERO, true, false, |c| {
+        enable_all(c);
+        c.pipeline.variations_config.vision_model = "tiny-vision".into();
+        c.pipeline.variations_config.vision_model_host = format!("http://{addr}/v1");
+    })
+    .await;
+    collect(
+        &mut h.client,
+        GenerateRequest {
+            prompt: String::new(),
+            ..edit(Task::ImageToImage, Endpoint::Variations)
+        },
+    )
+    .await
+    .expect("variation");
+    assert_eq!(h.edits.lock().expect("lock")[0].prompt, "a red square");
+    let bodies = bodies.lock().expect("lock").clone();
+    assert_eq!(bodies.len(), 1, "one vision call");
+    assert_eq!(bodies[0]["model"], "tiny-vision");
+    // The image travels as a PNG data URL (of the picture at the output size).
+    let text = bodies[0].to_string();
+    assert!(text.contains("data:image/png;base64,"), "{text}");
 }

@@ -2,17 +2,23 @@
 //! `Result<_, ApiError>`, so every failure leaves in OpenAI's error shape.
 //!
 //! ```text
-//! generations.rs  POST /v1/images/generations   validate → worker stream → store or inline
+//! generations.rs  POST /v1/images/generations   JSON → validate → run
+//! edits.rs        POST /v1/images/edits         multipart or JSON → inspect uploads → validate → run
+//! variations.rs   POST /v1/images/variations    multipart → inspect upload → validate → run
+//! run.rs          shared: endpoint switch, upload inspection, worker stream → store or inline
 //! images.rs       GET  /v1/images/data/{id}     stored images for response_format=url
 //! models.rs       GET  /v1/models               OpenAI's model list
 //! probes.rs       GET  /health, /ready          liveness and worker readiness
 //! ```
 //! Unknown routes and methods are answered here too, in the same error shape.
 
+pub mod edits;
 pub mod generations;
 pub mod images;
 pub mod models;
 pub mod probes;
+pub mod run;
+pub mod variations;
 
 use axum::http::{Method, Uri};
 

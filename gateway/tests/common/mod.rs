@@ -1,6 +1,9 @@
 //! Shared test doubles: a fake [`WorkerPool`] that answers with real encoded images, and helpers
 //! to drive the router without sockets.
 
+// Each test binary that includes this module uses a different subset of it.
+#![allow(dead_code)]
+
 use std::io::Cursor;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,8 +16,8 @@ use fastfusion_gateway::workers::{resolve_model, EventStream, WorkerPool};
 use fastfusion_gateway::{router, ApiError, AppState, HttpSettings};
 use fastfusion_proto::generate_event::Event;
 use fastfusion_proto::{
-    Defaults, Done, GenerateEvent, GenerateRequest, Image, InfoResponse, Limits, Preset, Progress,
-    Started, Task, Timings,
+    Defaults, Done, Endpoint, GenerateEvent, GenerateRequest, Image, InfoResponse, Limits, Preset,
+    Progress, Started, Task, Timings,
 };
 use http_body_util::BodyExt;
 use tower::ServiceExt;
@@ -69,7 +72,16 @@ pub fn tiny_info() -> InfoResponse {
     InfoResponse {
         model_id: "tiny-sd".into(),
         source: "tests/fixtures/tiny-sd".into(),
-        tasks: vec![Task::TextToImage as i32],
+        tasks: vec![
+            Task::TextToImage as i32,
+            Task::ImageToImage as i32,
+            Task::Inpaint as i32,
+        ],
+        endpoints: vec![
+            Endpoint::Generations as i32,
+            Endpoint::Edits as i32,
+            Endpoint::Variations as i32,
+        ],
         max_n: 3,
         presets: vec![Preset {
             name: "hd".into(),
@@ -188,6 +200,7 @@ pub fn app_with(pool: Arc<FakePool>, base_url: Option<&str>, max_body_bytes: usi
             base_url: base_url.map(str::to_string),
             request_timeout: Duration::from_millis(300),
             max_body_bytes,
+            max_input_pixels: 1024 * 1024,
             started_at: 1_700_000_000,
         }),
     };
@@ -281,5 +294,82 @@ impl TestApp {
     pub async fn generate(&self, body: &str) -> Reply {
         self.call("POST", "/v1/images/generations", Some(body))
             .await
+    }
+}
+
+/// A PNG of `width`x`height`, RGBA when `alpha` (the corner pixel transparent), else RGB.
+pub fn png(width: u32, height: u32, alpha: bool) -> Vec<u8> {
+    let mut out = Cursor::new(Vec::new());
+    if alpha {
+        let mut image = image::RgbaImage::from_pixel(width, height, image::Rgba([0, 0, 0, 255]));
+        image.put_pixel(0, 0, image::Rgba([0, 0, 0, 0]));
+        image.write_to(&mut out, image::ImageFormat::Png)
+    } else {
+        image::RgbImage::from_pixel(width, height, image::Rgb([200, 120, 40]))
+            .write_to(&mut out, image::ImageFormat::Png)
+    }
+    .expect("encode");
+    out.into_inner()
+}
+
+/// A `multipart/form-data` body built part by part, as curl `-F` or the SDKs send it.
+#[derive(Default)]
+pub struct Form {
+    body: Vec<u8>,
+}
+
+pub const BOUNDARY: &str = "----fastfusion-test-boundary";
+
+impl Form {
+    pub fn new() -> Self {
+        Form::default()
+    }
+
+    /// A text part.
+    pub fn text(mut self, name: &str, value: &str) -> Self {
+        self.body.extend_from_slice(
+            format!(
+                "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+            )
+            .as_bytes(),
+        );
+        self
+    }
+
+    /// A file part named `name` with file name `file.png`.
+    pub fn file(mut self, name: &str, bytes: &[u8]) -> Self {
+        self.body.extend_from_slice(
+            format!(
+                "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"; \
+                 filename=\"file.png\"\r\nContent-Type: image/png\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        self.body.extend_from_slice(bytes);
+        self.body.extend_from_slice(b"\r\n");
+        self
+    }
+
+    pub fn finish(mut self) -> Vec<u8> {
+        self.body
+            .extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
+        self.body
+    }
+}
+
+impl TestApp {
+    /// POSTs a multipart form to `path`.
+    pub async fn post_form(&self, path: &str, form: Form) -> Reply {
+        let request = Request::builder()
+            .method("POST")
+            .uri(path)
+            .header("host", "gateway.test:8123")
+            .header(
+                "content-type",
+                format!("multipart/form-data; boundary={BOUNDARY}"),
+            )
+            .body(Body::from(form.finish()))
+            .expect("request");
+        self.send(request).await
     }
 }

@@ -8,14 +8,15 @@
 //! tokenizer.rs  tokenizer.json, or CLIP BPE from vocab.json + merges.txt; bos/eos/pad, truncation
 //! unet.rs       the SD 1.x/2.x UNet: candle's resnets and time embedding, our blocks
 //! transformer.rs  the UNet's spatial transformer (exact-GELU GEGLU, as diffusers)
+//! vae.rs        the VAE (encoder with a seedable latent sample, decoder) from candle's blocks
 //! ```
 //!
-//! The VAE is candle-transformers' `AutoEncoderKL`, configured from `config.rs`; pipelines put
-//! the pieces together.
+//! Pipelines put the pieces together.
 
 pub mod clip;
 pub mod config;
 pub mod tokenizer;
 pub mod transformer;
 pub mod unet;
+pub mod vae;
 pub mod weights;

@@ -1,7 +1,9 @@
 //! Generation pipelines: a loaded model plus the loop that turns a request into images.
 //!
 //! ```text
-//! stable_diffusion.rs  SD 1.x/2.x text-to-image (tokenize → CLIP → denoise loop → VAE decode)
+//! stable_diffusion.rs  SD 1.x/2.x: loading and the pieces every task shares (tokenize → CLIP →
+//!                      denoise loop → VAE decode), text-to-image
+//! stable_diffusion/edit.rs  image-to-image and inpainting (VAE encode, strength, masks)
 //! image.rs             decoded VAE output → 8-bit RGB images
 //! ```
 

@@ -1,21 +1,32 @@
-//! Stable Diffusion 1.x/2.x text-to-image, behaving as diffusers' `StableDiffusionPipeline`.
+//! Stable Diffusion 1.x/2.x, behaving as diffusers' `StableDiffusionPipeline`,
+//! `StableDiffusionImg2ImgPipeline` and `StableDiffusionInpaintPipeline`.
 //!
 //! ```text
 //! prompt, negative ──tokenizer──▶ ids ──CLIP──▶ embeds [uncond×n; cond×n] (uncond only with CFG)
-//! seed ──TorchRng──▶ noise (n, C, h/f, w/f) in one draw ──× init_noise_sigma──▶ latents
-//! for each timestep: UNet(scale(latents) twice batched, t, embeds) → guidance → scheduler.step
+//! initial latents (text-to-image: seed ──TorchRng──▶ noise × init_noise_sigma;
+//!                  image tasks: see edit.rs — VAE-encoded input noised to the first step)
+//! for each timestep from the first: UNet(scale(latents) twice batched [+ mask channels], t, embeds)
+//!                                   → guidance → scheduler.step [→ blend with the noised original]
 //! latents / scaling_factor ──VAE decode──▶ (x/2+0.5).clamp(0,1)·255 ──▶ RGB images
 //! ```
 //!
+//! The three tasks share every piece: [`StableDiffusion::conditioning`], the denoising loop
+//! (`denoise`, driven by a [`Plan`] that says where the loop starts and what it adds to each
+//! step) and [`StableDiffusion::decode`]. `edit.rs` holds what only image-to-image and
+//! inpainting need (input images to tensors, VAE encoding, masks).
+//!
 //! The UNet, text encoder and VAE run in the load dtype; latents, guidance and scheduler math stay
 //! in float32. Everything is synchronous: the service calls it on a blocking thread.
+
+mod edit;
+
+pub use edit::first_step;
 
 use std::ops::ControlFlow;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 
 use super::image::to_rgb_images;
 use crate::error::{Result, WorkerError};
@@ -25,6 +36,7 @@ use crate::models::config::{
 };
 use crate::models::tokenizer::ClipTokenizer;
 use crate::models::unet::UNet;
+use crate::models::vae::Vae;
 use crate::models::weights::load_var_builder;
 use crate::rng::TorchRng;
 use crate::schedulers::{Scheduler, SchedulerConfig, SchedulerKind};
@@ -48,7 +60,8 @@ pub enum Family {
     Sd2,
 }
 
-/// One text-to-image request, already validated by the caller except for the size.
+/// One request's generation parameters, already validated by the caller except for the size.
+/// Text-to-image is exactly this; image-to-image and inpainting add an input (see `edit.rs`).
 #[derive(Debug, Clone)]
 pub struct TextToImage {
     pub prompt: String,
@@ -110,7 +123,10 @@ pub struct Conditioning {
 #[derive(Debug)]
 pub struct StableDiffusion {
     unet: UNet,
-    vae: AutoEncoderKL,
+    /// True for inpainting UNets (9 input channels: latents, mask, masked-image latents), which
+    /// diffusers drives by concatenation; false for ordinary 4-channel UNets.
+    inpaint_unet: bool,
+    vae: Vae,
     text_encoder: ClipTextTransformer,
     tokenizer: ClipTokenizer,
     scheduler_config: SchedulerConfig,
@@ -173,25 +189,30 @@ impl StableDiffusion {
         let vae_config_path = dir.join("vae/config.json");
         let vae_file: VaeConfigFile = read_json(source, &vae_config_path)?;
         let vae_spec = vae_file.to_candle(source, &vae_config_path)?;
-        if vae_spec.latent_channels != unet_spec.in_channels
-            || unet_spec.in_channels != unet_spec.out_channels
-        {
+        // diffusers decides the inpainting variant from the UNet's channels, never from names:
+        // latents in and out, or latents + mask + masked-image latents in.
+        let latent = vae_spec.latent_channels;
+        let inpaint_unet = unet_spec.in_channels == 2 * latent + 1;
+        if (unet_spec.in_channels != latent && !inpaint_unet) || unet_spec.out_channels != latent {
             return Err(WorkerError::model_load(
                 source,
                 &vae_config_path,
                 format!(
-                    "key 'latent_channels': {} does not match the UNet's in/out channels {}/{}",
-                    vae_spec.latent_channels, unet_spec.in_channels, unet_spec.out_channels
+                    "key 'latent_channels': {latent} does not match the UNet's in/out channels \
+                     {}/{} (expected {latent}/{latent}, or {}/{latent} for inpainting)",
+                    unet_spec.in_channels,
+                    unet_spec.out_channels,
+                    2 * latent + 1
                 ),
             ));
         }
         let vae_dir = dir.join("vae");
         let vae_vb = load_var_builder(source, &vae_dir, "diffusion_pytorch_model", dtype, device)?;
-        let vae = AutoEncoderKL::new(
+        let vae = Vae::new(
             vae_vb,
             vae_spec.in_channels,
             vae_spec.out_channels,
-            vae_spec.candle,
+            &vae_spec.candle,
         )
         .map_err(|e| {
             WorkerError::model_load(
@@ -206,12 +227,13 @@ impl StableDiffusion {
 
         Ok(Self {
             unet,
+            inpaint_unet,
             vae,
             text_encoder,
             tokenizer,
             scheduler_config,
             family,
-            latent_channels: unet_spec.in_channels,
+            latent_channels: latent,
             sample_size: unet_spec.sample_size,
             vae_scale_factor: vae_spec.scale_factor,
             vae_scaling_factor: vae_spec.scaling_factor,
@@ -222,6 +244,13 @@ impl StableDiffusion {
 
     pub fn family(&self) -> Family {
         self.family
+    }
+
+    /// True when the UNet is an inpainting UNet (9 input channels). Such a model inpaints by
+    /// concatenation, edits without a mask as an inpaint of the whole picture, and cannot do
+    /// text-to-image.
+    pub fn is_inpainting_model(&self) -> bool {
+        self.inpaint_unet
     }
 
     /// (width, height) the model was trained at: the UNet's sample size times the VAE scale
@@ -300,13 +329,15 @@ impl StableDiffusion {
     }
 
     /// Runs one denoising step: the batched UNet pass, guidance, and the scheduler update.
-    /// `latents` are float32; returns the next latents.
+    /// `latents` are float32; `extra` (inpainting UNets only) is appended to the UNet input's
+    /// channels, already batched like that input. Returns the next latents.
     pub fn denoise_step(
         &self,
         scheduler: &mut dyn Scheduler,
         cond: &Conditioning,
         latents: &Tensor,
         step_index: usize,
+        extra: Option<&Tensor>,
         rng: &mut TorchRng,
     ) -> Result<Tensor> {
         let timestep = *scheduler.timesteps().get(step_index).ok_or_else(|| {
@@ -314,10 +345,13 @@ impl StableDiffusion {
         })?;
         // Scaling depends only on the step, so scale once and then duplicate for guidance.
         let scaled = scheduler.scale_model_input(latents, step_index)?;
-        let input = match cond.guidance {
+        let mut input = match cond.guidance {
             Some(_) => Tensor::cat(&[&scaled, &scaled], 0)?,
             None => scaled,
         };
+        if let Some(extra) = extra {
+            input = Tensor::cat(&[&input, extra], 1)?;
+        }
         let output = self
             .unet
             .forward(&input.to_dtype(self.dtype)?, timestep, &cond.embeds)?
@@ -333,6 +367,36 @@ impl StableDiffusion {
         Ok(scheduler.step(&noise_pred, step_index, latents, rng)?)
     }
 
+    /// The denoising loop every task shares: from `plan.start` to the end of the schedule,
+    /// reporting each step to `progress`. Returns the final float32 latents.
+    fn denoise(
+        &self,
+        cond: &Conditioning,
+        mut plan: Plan,
+        mut latents: Tensor,
+        progress: &mut dyn Progress,
+    ) -> Result<Tensor> {
+        let total = plan.scheduler.timesteps().len();
+        let steps = total.saturating_sub(plan.start);
+        for (done, step_index) in (plan.start..total).enumerate() {
+            latents = self.denoise_step(
+                plan.scheduler.as_mut(),
+                cond,
+                &latents,
+                step_index,
+                plan.extra_channels.as_ref(),
+                &mut plan.rng,
+            )?;
+            if let Some(blend) = &plan.blend {
+                latents = blend.apply(plan.scheduler.as_ref(), &latents, step_index + 1)?;
+            }
+            if progress.on_step(done + 1, steps, &latents).is_break() {
+                return Err(WorkerError::Cancelled);
+            }
+        }
+        Ok(latents)
+    }
+
     /// VAE-decodes float32 latents (as the scheduler leaves them) into images.
     pub fn decode(&self, latents: &Tensor) -> Result<Vec<image::RgbImage>> {
         let scaled = (latents / self.vae_scaling_factor)?.to_dtype(self.dtype)?;
@@ -340,25 +404,16 @@ impl StableDiffusion {
         to_rgb_images(&images)
     }
 
-    /// Checks the request size against the VAE scale factor.
-    fn check_size(&self, width: usize, height: usize) -> Result<()> {
+    /// Checks what every task requires of a request: size, image count and steps.
+    fn check_request(&self, req: &TextToImage) -> Result<()> {
         let f = self.vae_scale_factor;
+        let (width, height) = (req.width, req.height);
         if width == 0 || height == 0 || !divides(f, width) || !divides(f, height) {
             return Err(WorkerError::invalid(
                 "size",
                 format!("{width}x{height} must be positive multiples of {f}"),
             ));
         }
-        Ok(())
-    }
-
-    /// Generates `req.n` images.
-    pub fn text_to_image(
-        &self,
-        req: &TextToImage,
-        progress: &mut dyn Progress,
-    ) -> Result<Vec<image::RgbImage>> {
-        self.check_size(req.width, req.height)?;
         if req.n == 0 {
             return Err(WorkerError::invalid("n", "must be at least 1"));
         }
@@ -368,29 +423,108 @@ impl StableDiffusion {
                 "must be at least 1",
             ));
         }
+        Ok(())
+    }
+
+    /// Runs a whole request: encode the prompt, let `prepare` set up the initial latents and the
+    /// loop (it gets the scheduler and the seeded generator, in diffusers' draw order), denoise,
+    /// decode; reporting each stage's time to `progress`.
+    fn generate(
+        &self,
+        req: &TextToImage,
+        progress: &mut dyn Progress,
+        prepare: impl FnOnce(Box<dyn Scheduler>, TorchRng) -> Result<(Plan, Tensor)>,
+    ) -> Result<Vec<image::RgbImage>> {
+        self.check_request(req)?;
         let guidance = (req.guidance_scale > 1.0).then_some(req.guidance_scale);
         let started = Instant::now();
         let cond = self.conditioning(&req.prompt, &req.negative_prompt, req.n, guidance)?;
         progress.on_stage(Stage::EncodePrompt, started.elapsed());
+        // The Denoise stage includes preparing the latents (noise, and the VAE encoding of an
+        // input image), which the timings have no separate field for.
         let started = Instant::now();
-        let mut scheduler = req.scheduler.build(&self.scheduler_config, req.steps)?;
-        let mut rng = TorchRng::new(req.seed);
-        let f = self.vae_scale_factor;
-        let shape = [req.n, self.latent_channels, req.height / f, req.width / f];
-        let noise = rng.randn_tensor(&shape, &self.device, DType::F32)?;
-        let mut latents = (noise * scheduler.init_noise_sigma())?;
-        let total = scheduler.timesteps().len();
-        for step_index in 0..total {
-            latents =
-                self.denoise_step(scheduler.as_mut(), &cond, &latents, step_index, &mut rng)?;
-            if progress.on_step(step_index + 1, total, &latents).is_break() {
-                return Err(WorkerError::Cancelled);
-            }
-        }
+        let scheduler = req.scheduler.build(&self.scheduler_config, req.steps)?;
+        let (plan, latents) = prepare(scheduler, TorchRng::new(req.seed))?;
+        let latents = self.denoise(&cond, plan, latents, progress)?;
         progress.on_stage(Stage::Denoise, started.elapsed());
         let started = Instant::now();
         let images = self.decode(&latents)?;
         progress.on_stage(Stage::Decode, started.elapsed());
         Ok(images)
+    }
+
+    /// The latent shape of `req`'s batch: (n, channels, height / f, width / f).
+    fn latent_shape(&self, req: &TextToImage) -> [usize; 4] {
+        let f = self.vae_scale_factor;
+        [req.n, self.latent_channels, req.height / f, req.width / f]
+    }
+
+    /// Generates `req.n` images from the prompt alone.
+    pub fn text_to_image(
+        &self,
+        req: &TextToImage,
+        progress: &mut dyn Progress,
+    ) -> Result<Vec<image::RgbImage>> {
+        if self.inpaint_unet {
+            return Err(WorkerError::TaskDisabled(
+                "text-to-image with an inpainting model".into(),
+            ));
+        }
+        self.generate(req, progress, |scheduler, mut rng| {
+            let noise = rng.randn_tensor(&self.latent_shape(req), &self.device, DType::F32)?;
+            let latents = (noise * scheduler.init_noise_sigma())?;
+            Ok((Plan::new(scheduler, rng), latents))
+        })
+    }
+}
+
+/// How the denoising loop runs for one request.
+struct Plan {
+    scheduler: Box<dyn Scheduler>,
+    /// The request's generator, after the draws that made the initial latents (ancestral
+    /// schedulers keep drawing from it).
+    rng: TorchRng,
+    /// Loop index of the first step: 0, or later for image-to-image strengths below 1.
+    start: usize,
+    /// Inpainting UNets: mask and masked-image latents, appended to the UNet input's channels.
+    extra_channels: Option<Tensor>,
+    /// Inpainting with an ordinary UNet: keeps the original outside the mask after each step.
+    blend: Option<Blend>,
+}
+
+impl Plan {
+    fn new(scheduler: Box<dyn Scheduler>, rng: TorchRng) -> Self {
+        Plan {
+            scheduler,
+            rng,
+            start: 0,
+            extra_channels: None,
+            blend: None,
+        }
+    }
+}
+
+/// Inpainting with a 4-channel UNet: after each step, outside the mask the latents are replaced
+/// by the original image's latents noised to the next step's level (diffusers' blending).
+struct Blend {
+    /// The input image's latents, (n, C, h, w) float32.
+    original: Tensor,
+    /// The noise the initial latents were made with, reused to noise the original.
+    noise: Tensor,
+    /// (n, 1, h, w) float32: 1 where the model repaints, 0 where the original stays.
+    mask: Tensor,
+}
+
+impl Blend {
+    /// `(1 - mask) · original_noised + mask · latents`, with the original noised to loop index
+    /// `next` (not noised after the last step).
+    fn apply(&self, scheduler: &dyn Scheduler, latents: &Tensor, next: usize) -> Result<Tensor> {
+        let original = if next < scheduler.timesteps().len() {
+            scheduler.add_noise(&self.original, &self.noise, next)?
+        } else {
+            self.original.clone()
+        };
+        let keep = self.mask.affine(-1.0, 1.0)?;
+        Ok((original.broadcast_mul(&keep)? + latents.broadcast_mul(&self.mask)?)?)
     }
 }

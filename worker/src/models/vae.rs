@@ -1,0 +1,284 @@
+//! The Stable Diffusion VAE (diffusers' `AutoencoderKL`): an encoder for image-to-image and
+//! inpainting, a decoder for every task.
+//!
+//! ```text
+//! encode: pixels [-1,1] ─conv_in─▶ down blocks ─▶ mid block ─▶ norm·silu·conv_out ─(quant_conv)─▶
+//!         [mean | logvar] ──▶ LatentDistribution { mean, std }      (the caller samples it)
+//! decode: latents ─(post_quant_conv)─conv_in─▶ mid block ─▶ up blocks ─▶ norm·silu·conv_out ─▶ pixels
+//! ```
+//!
+//! Built from candle-transformers' public blocks. candle's own `AutoEncoderKL` is not used because
+//! its latent distribution hides the mean and standard deviation and samples with candle's RNG,
+//! whereas diffusers samples `latent_dist` with the request's torch generator: the draw has to come
+//! from [`TorchRng`] in the pipeline's order for a seed to reproduce diffusers' picture.
+
+use candle_core::{DType, Module, Tensor};
+use candle_nn as nn;
+use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
+    DownEncoderBlock2D, DownEncoderBlock2DConfig, UNetMidBlock2D, UNetMidBlock2DConfig,
+    UpDecoderBlock2D, UpDecoderBlock2DConfig,
+};
+use candle_transformers::models::stable_diffusion::vae::AutoEncoderKLConfig;
+
+use crate::rng::TorchRng;
+
+/// diffusers' VAE blocks all use this epsilon in their group norms.
+const NORM_EPS: f64 = 1e-6;
+
+/// `DiagonalGaussianDistribution` of diffusers: what the encoder says about each latent.
+#[derive(Debug)]
+pub struct LatentDistribution {
+    pub mean: Tensor,
+    pub std: Tensor,
+}
+
+impl LatentDistribution {
+    /// `latent_dist.sample(generator)`: one `randn` of the mean's shape from `rng`, in float32.
+    pub fn sample(&self, rng: &mut TorchRng) -> candle_core::Result<Tensor> {
+        let mean = self.mean.to_dtype(DType::F32)?;
+        let std = self.std.to_dtype(DType::F32)?;
+        let noise = rng.randn_tensor(mean.dims(), mean.device(), DType::F32)?;
+        mean + (std * noise)?
+    }
+}
+
+/// A loaded `AutoencoderKL`.
+#[derive(Debug)]
+pub struct Vae {
+    encoder: Encoder,
+    decoder: Decoder,
+    quant_conv: Option<nn::Conv2d>,
+    post_quant_conv: Option<nn::Conv2d>,
+}
+
+impl Vae {
+    /// Builds the VAE from the weights under `vb` (the repo's `vae/` directory).
+    pub fn new(
+        vb: nn::VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        config: &AutoEncoderKLConfig,
+    ) -> candle_core::Result<Self> {
+        let latent = config.latent_channels;
+        // The encoder predicts a mean and a log-variance per latent channel.
+        let encoder = Encoder::new(vb.pp("encoder"), in_channels, 2 * latent, config)?;
+        let decoder = Decoder::new(vb.pp("decoder"), latent, out_channels, config)?;
+        let one_by_one = |channels: usize, name: &str| {
+            nn::conv2d(channels, channels, 1, Default::default(), vb.pp(name))
+        };
+        let quant_conv = config
+            .use_quant_conv
+            .then(|| one_by_one(2 * latent, "quant_conv"))
+            .transpose()?;
+        let post_quant_conv = config
+            .use_post_quant_conv
+            .then(|| one_by_one(latent, "post_quant_conv"))
+            .transpose()?;
+        Ok(Vae {
+            encoder,
+            decoder,
+            quant_conv,
+            post_quant_conv,
+        })
+    }
+
+    /// The latent distribution of `pixels` (batch, 3, h, w) in [-1, 1], in the weights' dtype.
+    /// The log-variance is clamped to [-30, 20] as diffusers does.
+    pub fn encode(&self, pixels: &Tensor) -> candle_core::Result<LatentDistribution> {
+        let mut moments = self.encoder.forward(pixels)?;
+        if let Some(conv) = &self.quant_conv {
+            moments = conv.forward(&moments)?;
+        }
+        let halves = moments.chunk(2, 1)?;
+        let (mean, logvar) = (&halves[0], &halves[1]);
+        let std = (logvar.clamp(-30f32, 20f32)? * 0.5)?.exp()?;
+        Ok(LatentDistribution {
+            mean: mean.clone(),
+            std,
+        })
+    }
+
+    /// Pixels (batch, 3, h, w), roughly in [-1, 1], from unscaled latents.
+    ///
+    /// Decodes one image at a time (diffusers' "VAE slicing"). Decoding a batch in one pass gave
+    /// a wrong second image for some latents on the CPU (up to 0.1 off, against 0 for the same
+    /// latents decoded alone; seen with inpainting at n = 2), and slicing also keeps the
+    /// decoder's activation memory at one image's worth.
+    pub fn decode(&self, latents: &Tensor) -> candle_core::Result<Tensor> {
+        let images = (0..latents.dim(0)?)
+            .map(|i| {
+                let latent = latents.narrow(0, i, 1)?.contiguous()?;
+                match &self.post_quant_conv {
+                    Some(conv) => self.decoder.forward(&conv.forward(&latent)?),
+                    None => self.decoder.forward(&latent),
+                }
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Tensor::cat(&images, 0)
+    }
+}
+
+fn conv3x3(
+    in_channels: usize,
+    out_channels: usize,
+    vb: nn::VarBuilder,
+) -> candle_core::Result<nn::Conv2d> {
+    let cfg = nn::Conv2dConfig {
+        padding: 1,
+        ..Default::default()
+    };
+    nn::conv2d(in_channels, out_channels, 3, cfg, vb)
+}
+
+fn mid_block(
+    vb: nn::VarBuilder,
+    channels: usize,
+    groups: usize,
+) -> candle_core::Result<UNetMidBlock2D> {
+    let cfg = UNetMidBlock2DConfig {
+        resnet_eps: NORM_EPS,
+        output_scale_factor: 1.,
+        // diffusers' VAE attention has a single head over all channels.
+        attn_num_head_channels: None,
+        resnet_groups: Some(groups),
+        ..Default::default()
+    };
+    UNetMidBlock2D::new(vb, channels, None, cfg)
+}
+
+/// The last channel count of `config.block_out_channels` (validated non-empty by the config).
+fn widest(config: &AutoEncoderKLConfig) -> candle_core::Result<usize> {
+    config
+        .block_out_channels
+        .last()
+        .copied()
+        .ok_or_else(|| candle_core::Error::Msg("VAE has no blocks".into()))
+}
+
+#[derive(Debug)]
+struct Encoder {
+    conv_in: nn::Conv2d,
+    down_blocks: Vec<DownEncoderBlock2D>,
+    mid_block: UNetMidBlock2D,
+    conv_norm_out: nn::GroupNorm,
+    conv_out: nn::Conv2d,
+}
+
+impl Encoder {
+    fn new(
+        vb: nn::VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        config: &AutoEncoderKLConfig,
+    ) -> candle_core::Result<Self> {
+        let channels = &config.block_out_channels;
+        let widest = widest(config)?;
+        let conv_in = conv3x3(in_channels, channels[0], vb.pp("conv_in"))?;
+        let mut down_blocks = Vec::with_capacity(channels.len());
+        let mut previous = channels[0];
+        for (index, &width) in channels.iter().enumerate() {
+            let cfg = DownEncoderBlock2DConfig {
+                num_layers: config.layers_per_block,
+                resnet_eps: NORM_EPS,
+                resnet_groups: config.norm_num_groups,
+                // Every block but the last halves the resolution; diffusers pads (0, 1, 0, 1)
+                // for padding 0, which candle's Downsample2D does too.
+                add_downsample: index + 1 < channels.len(),
+                downsample_padding: 0,
+                ..Default::default()
+            };
+            down_blocks.push(DownEncoderBlock2D::new(
+                vb.pp("down_blocks").pp(index.to_string()),
+                previous,
+                width,
+                cfg,
+            )?);
+            previous = width;
+        }
+        Ok(Encoder {
+            conv_in,
+            down_blocks,
+            mid_block: mid_block(vb.pp("mid_block"), widest, config.norm_num_groups)?,
+            conv_norm_out: nn::group_norm(
+                config.norm_num_groups,
+                widest,
+                NORM_EPS,
+                vb.pp("conv_norm_out"),
+            )?,
+            conv_out: conv3x3(widest, out_channels, vb.pp("conv_out"))?,
+        })
+    }
+
+    fn forward(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
+        let mut xs = self.conv_in.forward(pixels)?;
+        for block in &self.down_blocks {
+            xs = block.forward(&xs)?;
+        }
+        let xs = self.mid_block.forward(&xs, None)?;
+        let xs = nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
+        self.conv_out.forward(&xs)
+    }
+}
+
+#[derive(Debug)]
+struct Decoder {
+    conv_in: nn::Conv2d,
+    mid_block: UNetMidBlock2D,
+    up_blocks: Vec<UpDecoderBlock2D>,
+    conv_norm_out: nn::GroupNorm,
+    conv_out: nn::Conv2d,
+}
+
+impl Decoder {
+    fn new(
+        vb: nn::VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        config: &AutoEncoderKLConfig,
+    ) -> candle_core::Result<Self> {
+        let channels = &config.block_out_channels;
+        let widest = widest(config)?;
+        let mut up_blocks = Vec::with_capacity(channels.len());
+        let mut previous = widest;
+        // The decoder mirrors the encoder: widest block first, one more resnet per block.
+        for (index, &width) in channels.iter().rev().enumerate() {
+            let cfg = UpDecoderBlock2DConfig {
+                num_layers: config.layers_per_block + 1,
+                resnet_eps: NORM_EPS,
+                resnet_groups: config.norm_num_groups,
+                add_upsample: index + 1 < channels.len(),
+                ..Default::default()
+            };
+            up_blocks.push(UpDecoderBlock2D::new(
+                vb.pp("up_blocks").pp(index.to_string()),
+                previous,
+                width,
+                cfg,
+            )?);
+            previous = width;
+        }
+        Ok(Decoder {
+            conv_in: conv3x3(in_channels, widest, vb.pp("conv_in"))?,
+            mid_block: mid_block(vb.pp("mid_block"), widest, config.norm_num_groups)?,
+            up_blocks,
+            conv_norm_out: nn::group_norm(
+                config.norm_num_groups,
+                channels[0],
+                NORM_EPS,
+                vb.pp("conv_norm_out"),
+            )?,
+            conv_out: conv3x3(channels[0], out_channels, vb.pp("conv_out"))?,
+        })
+    }
+
+    fn forward(&self, latents: &Tensor) -> candle_core::Result<Tensor> {
+        let mut xs = self
+            .mid_block
+            .forward(&self.conv_in.forward(latents)?, None)?;
+        for block in &self.up_blocks {
+            xs = block.forward(&xs)?;
+        }
+        let xs = nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
+        self.conv_out.forward(&xs)
+    }
+}

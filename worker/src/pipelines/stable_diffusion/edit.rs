@@ -1,0 +1,259 @@
+//! Image-to-image and inpainting on [`StableDiffusion`], as diffusers'
+//! `StableDiffusionImg2ImgPipeline` and `StableDiffusionInpaintPipeline` do them.
+//!
+//! Inputs arrive decoded and already at the output size (`crate::inputs` decodes and resizes
+//! uploads); the mask is 8-bit grey, white where the model repaints (diffusers' convention).
+//!
+//! What the seed's generator draws, in order (each VAE encoding is one `latent_dist.sample`):
+//!
+//! ```text
+//! image-to-image                     encode(image) [1,C,h,w] → noise [n,C,h,w]
+//! inpaint, 4-channel UNet            encode(image) → noise → encode(masked image)
+//! inpaint, 9-channel, strength < 1   encode(image) → noise → encode(masked image)
+//! inpaint, 9-channel, strength = 1   noise → encode(masked image)
+//! ```
+//!
+//! then whatever an ancestral scheduler draws per step. diffusers encodes the masked image even
+//! for 4-channel UNets, which never use it; we only advance the generator by the same draw.
+//!
+//! `strength` picks the first step as diffusers' `get_timesteps`: `int(steps × strength)` steps
+//! run, from loop index `steps − that`; the initial latents are the image's latents noised to
+//! that step, except for inpainting at strength 1, which starts from pure noise.
+
+use candle_core::{DType, Device, Tensor};
+use image::{GrayImage, RgbImage};
+
+use super::{Blend, Plan, Progress, StableDiffusion, TextToImage};
+use crate::error::{Result, WorkerError};
+use crate::rng::TorchRng;
+
+impl StableDiffusion {
+    /// Generates `req.n` variations of `image` (already `req.width` × `req.height`), keeping
+    /// `1 − strength` of the schedule's way from it. An inpainting model does this as an
+    /// inpaint of the whole picture.
+    pub fn image_to_image(
+        &self,
+        req: &TextToImage,
+        image: &RgbImage,
+        strength: f64,
+        progress: &mut dyn Progress,
+    ) -> Result<Vec<RgbImage>> {
+        if self.inpaint_unet {
+            let everything =
+                GrayImage::from_pixel(image.width(), image.height(), image::Luma([255]));
+            return self.inpaint(req, image, &everything, strength, progress);
+        }
+        check_input(req, image.dimensions(), "image")?;
+        let start = first_step(req.steps, strength)?;
+        self.generate(req, progress, |scheduler, mut rng| {
+            let pixels = pixels_to_tensor(image, &self.device)?;
+            let original = self
+                .encode_image(&pixels, &mut rng)?
+                .repeat((req.n, 1, 1, 1))?;
+            let noise = rng.randn_tensor(&self.latent_shape(req), &self.device, DType::F32)?;
+            let latents = scheduler.add_noise(&original, &noise, start)?;
+            let mut plan = Plan::new(scheduler, rng);
+            plan.start = start;
+            Ok((plan, latents))
+        })
+    }
+
+    /// Repaints the white part of `mask` in `image` (both `req.width` × `req.height`).
+    /// Inpainting UNets see the mask and the masked image; ordinary UNets keep the original
+    /// outside the mask after every step.
+    pub fn inpaint(
+        &self,
+        req: &TextToImage,
+        image: &RgbImage,
+        mask: &GrayImage,
+        strength: f64,
+        progress: &mut dyn Progress,
+    ) -> Result<Vec<RgbImage>> {
+        check_input(req, image.dimensions(), "image")?;
+        check_input(req, mask.dimensions(), "mask")?;
+        let start = first_step(req.steps, strength)?;
+        // diffusers compares the float exactly: only 1.0 starts from pure noise.
+        let from_noise = strength == 1.0;
+        self.generate(req, progress, |scheduler, mut rng| {
+            let pixels = pixels_to_tensor(image, &self.device)?;
+            let mask = mask_to_tensor(mask, &self.device)?;
+            let original = if !self.inpaint_unet || !from_noise {
+                Some(
+                    self.encode_image(&pixels, &mut rng)?
+                        .repeat((req.n, 1, 1, 1))?,
+                )
+            } else {
+                None
+            };
+            let shape = self.latent_shape(req);
+            let noise = rng.randn_tensor(&shape, &self.device, DType::F32)?;
+            let latents = match (&original, from_noise) {
+                (Some(original), false) => scheduler.add_noise(original, &noise, start)?,
+                _ => (&noise * scheduler.init_noise_sigma())?,
+            };
+            let latent_mask = self.mask_to_latent_size(&mask)?.repeat((req.n, 1, 1, 1))?;
+            let mut extra_channels = None;
+            if self.inpaint_unet {
+                // Zero (grey) where the model repaints, the picture elsewhere.
+                let kept = pixels.broadcast_mul(&mask.affine(-1.0, 1.0)?)?;
+                let masked = self
+                    .encode_image(&kept, &mut rng)?
+                    .repeat((req.n, 1, 1, 1))?;
+                let extra = Tensor::cat(&[&latent_mask, &masked], 1)?;
+                extra_channels = Some(if req.guidance_scale > 1.0 {
+                    Tensor::cat(&[&extra, &extra], 0)?
+                } else {
+                    extra
+                });
+            } else {
+                // diffusers samples the masked image's latents here too, then never uses them:
+                // draw the same count so that later draws (ancestral steps) line up.
+                let [_, channels, h, w] = shape;
+                rng.randn(channels * h * w);
+            }
+            let mut plan = Plan::new(scheduler, rng);
+            plan.start = start;
+            plan.extra_channels = extra_channels;
+            plan.blend = match original {
+                Some(original) if !self.inpaint_unet => Some(Blend {
+                    original,
+                    noise,
+                    mask: latent_mask,
+                }),
+                _ => None,
+            };
+            Ok((plan, latents))
+        })
+    }
+
+    /// `scaling_factor × latent_dist.sample(rng)` of pixels (1, 3, H, W) in [-1, 1]: float32
+    /// latents (1, C, H / f, W / f).
+    fn encode_image(&self, pixels: &Tensor, rng: &mut TorchRng) -> Result<Tensor> {
+        let dist = self.vae.encode(&pixels.to_dtype(self.dtype)?)?;
+        Ok((dist.sample(rng)? * self.vae_scaling_factor)?)
+    }
+
+    /// The mask at latent resolution, as torch's default (nearest) `interpolate` shrinks it by
+    /// the whole factor f: the pixel at (y·f, x·f) for latent (y, x).
+    fn mask_to_latent_size(&self, mask: &Tensor) -> Result<Tensor> {
+        let f = self.vae_scale_factor;
+        let (b, c, h, w) = mask.dims4()?;
+        Ok(mask
+            .reshape((b, c, h / f, f, w / f, f))?
+            .narrow(3, 0, 1)?
+            .narrow(5, 0, 1)?
+            .reshape((b, c, h / f, w / f))?)
+    }
+}
+
+/// The request's first loop index for `strength`, as diffusers' `get_timesteps` (every
+/// scheduler here has order 1): `steps − min(int(steps × strength), steps)`.
+pub fn first_step(steps: usize, strength: f64) -> Result<usize> {
+    if !(strength > 0.0 && strength <= 1.0) {
+        return Err(WorkerError::invalid(
+            "strength",
+            format!("must be in (0, 1], got {strength}"),
+        ));
+    }
+    // `int()` truncates toward zero; the product is positive and at most `steps`.
+    let run = ((steps as f64 * strength) as usize).min(steps);
+    if run == 0 {
+        return Err(WorkerError::invalid(
+            "strength",
+            format!(
+                "{strength} × {steps} steps leaves no step to run; raise strength or num_inference_steps"
+            ),
+        ));
+    }
+    Ok(steps - run)
+}
+
+/// The input must already be at the output size (the service resizes uploads).
+fn check_input(req: &TextToImage, (width, height): (u32, u32), param: &str) -> Result<()> {
+    if (width as usize, height as usize) != (req.width, req.height) {
+        return Err(WorkerError::invalid(
+            param,
+            format!(
+                "is {width}x{height}, the output is {}x{}",
+                req.width, req.height
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// (1, 3, H, W) float32 in [-1, 1], as diffusers' `VaeImageProcessor`: `x / 255` then `2x − 1`.
+fn pixels_to_tensor(image: &RgbImage, device: &Device) -> Result<Tensor> {
+    let (w, h) = (image.width() as usize, image.height() as usize);
+    let values: Vec<f32> = image
+        .as_raw()
+        .iter()
+        .map(|&v| 2.0 * (f32::from(v) / 255.0) - 1.0)
+        .collect();
+    Ok(Tensor::from_vec(values, (1, h, w, 3), device)?
+        .permute((0, 3, 1, 2))?
+        .contiguous()?)
+}
+
+/// (1, 1, H, W) float32, binarized as diffusers' mask processor: `x / 255 < 0.5` → 0, else 1.
+fn mask_to_tensor(mask: &GrayImage, device: &Device) -> Result<Tensor> {
+    let (w, h) = (mask.width() as usize, mask.height() as usize);
+    let values: Vec<f32> = mask
+        .as_raw()
+        .iter()
+        .map(|&v| if f32::from(v) / 255.0 < 0.5 { 0.0 } else { 1.0 })
+        .collect();
+    Ok(Tensor::from_vec(values, (1, 1, h, w), device)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strength_picks_the_tail_of_the_schedule_like_diffusers() -> Result<()> {
+        assert_eq!(first_step(10, 1.0)?, 0);
+        assert_eq!(first_step(10, 0.75)?, 3);
+        // int(3 * 0.5) = 1 step runs.
+        assert_eq!(first_step(3, 0.5)?, 2);
+        // 0.7 is exactly representable enough: int(10 * 0.7) = 7.
+        assert_eq!(first_step(10, 0.7)?, 3);
+        for bad in [0.0, -0.1, 1.01, f64::NAN] {
+            assert!(first_step(10, bad).is_err(), "{bad}");
+        }
+        // int(3 * 0.2) = 0: nothing would run.
+        assert!(matches!(
+            first_step(3, 0.2),
+            Err(WorkerError::InvalidArgument { ref param, .. }) if param == "strength"
+        ));
+        Ok(())
+    }
+
+    #[test]
+    fn pixels_and_masks_become_diffusers_tensors() -> Result<()> {
+        let image = RgbImage::from_raw(2, 1, vec![0, 255, 51, 128, 0, 255])
+            .ok_or_else(|| WorkerError::Internal("buffer".into()))?;
+        let t = pixels_to_tensor(&image, &Device::Cpu)?;
+        assert_eq!(t.dims(), [1, 3, 1, 2]);
+        let v = t.flatten_all()?.to_vec1::<f32>()?;
+        // Channel-major: R of both pixels, then G, then B.
+        let expected = [
+            -1.0,
+            2.0 * (128.0 / 255.0) - 1.0,
+            1.0,
+            -1.0,
+            2.0 * 0.2 - 1.0,
+            1.0,
+        ];
+        for (got, want) in v.iter().zip(expected) {
+            assert!((got - want).abs() < 1e-6, "{v:?}");
+        }
+        let mask = GrayImage::from_raw(3, 1, vec![127, 128, 255])
+            .ok_or_else(|| WorkerError::Internal("buffer".into()))?;
+        let m = mask_to_tensor(&mask, &Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        assert_eq!(m, [0.0, 1.0, 1.0]);
+        Ok(())
+    }
+}
