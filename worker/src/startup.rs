@@ -26,10 +26,15 @@ pub fn resolve(config: &ModelConfig, base_dir: Option<&Path>) -> Result<(PathBuf
     let device = device::select_device(config.device())?;
     let dtype = device::select_dtype(config.dtype_run(), &device);
     tracing::info!(model = %pipeline.hf_model_id, dir = %dir.display(), ?device, ?dtype, "loading model");
+    if !pipeline.enable_vae_slicing {
+        // Batched decoding gave wrong images on the CPU, so the VAE always slices (see vae.rs).
+        tracing::info!("the VAE decodes one image at a time whatever enable_vae_slicing says");
+    }
     let options = LoadOptions {
         device,
         dtype,
         source_name: pipeline.hf_model_id.clone(),
+        vae_tiling: pipeline.enable_vae_tiling,
     };
     Ok((dir, options))
 }

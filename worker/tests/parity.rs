@@ -122,6 +122,7 @@ fn load_as(model: &str, dtype: DType) -> Result<StableDiffusion, Box<dyn std::er
         device: Device::Cpu,
         dtype,
         source_name: model.to_owned(),
+        vae_tiling: false,
     };
     Ok(StableDiffusion::load(
         &fixtures().join("models").join(model),
@@ -524,6 +525,7 @@ fn a_directory_without_a_model_is_a_model_load_error() {
         device: Device::Cpu,
         dtype: DType::F32,
         source_name: "not-a-model".to_owned(),
+        vae_tiling: false,
     };
     let dir = fixtures().join("models");
     match StableDiffusion::load(&dir, &opts) {

@@ -9,6 +9,7 @@
 //! unet.rs       the SD 1.x/2.x UNet: candle's resnets and time embedding, our blocks
 //! transformer.rs  the UNet's spatial transformer (exact-GELU GEGLU, as diffusers)
 //! vae.rs        the VAE (encoder with a seedable latent sample, decoder) from candle's blocks
+//! vae_tiling.rs tiled VAE encode/decode with overlap blending (diffusers' enable_tiling)
 //! ```
 //!
 //! Pipelines put the pieces together.
@@ -19,4 +20,5 @@ pub mod tokenizer;
 pub mod transformer;
 pub mod unet;
 pub mod vae;
+pub mod vae_tiling;
 pub mod weights;

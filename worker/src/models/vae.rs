@@ -11,6 +11,9 @@
 //! its latent distribution hides the mean and standard deviation and samples with candle's RNG,
 //! whereas diffusers samples `latent_dist` with the request's torch generator: the draw has to come
 //! from [`TorchRng`] in the pipeline's order for a seed to reproduce diffusers' picture.
+//!
+//! Decoding is always sliced (one image at a time, see [`Vae::decode`]); tiling
+//! ([`Vae::set_tiling`], `vae_tiling.rs`) is optional.
 
 use candle_core::{DType, Module, Tensor};
 use candle_nn as nn;
@@ -20,6 +23,7 @@ use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
 };
 use candle_transformers::models::stable_diffusion::vae::AutoEncoderKLConfig;
 
+use crate::models::vae_tiling::TileSizes;
 use crate::rng::TorchRng;
 
 /// diffusers' VAE blocks all use this epsilon in their group norms.
@@ -49,6 +53,8 @@ pub struct Vae {
     decoder: Decoder,
     quant_conv: Option<nn::Conv2d>,
     post_quant_conv: Option<nn::Conv2d>,
+    /// Encode and decode pictures larger than one tile tile by tile (diffusers' VAE tiling).
+    tiling: Option<TileSizes>,
 }
 
 impl Vae {
@@ -79,16 +85,26 @@ impl Vae {
             decoder,
             quant_conv,
             post_quant_conv,
+            tiling: None,
         })
     }
 
+    /// Turns tiled encoding and decoding on (`Some`) or off (`None`, the default).
+    pub fn set_tiling(&mut self, tiling: Option<TileSizes>) {
+        self.tiling = tiling;
+    }
+
     /// The latent distribution of `pixels` (batch, 3, h, w) in [-1, 1], in the weights' dtype.
-    /// The log-variance is clamped to [-30, 20] as diffusers does.
+    /// The log-variance is clamped to [-30, 20] as diffusers does. With tiling on, a picture
+    /// wider or taller than one tile is encoded tile by tile.
     pub fn encode(&self, pixels: &Tensor) -> candle_core::Result<LatentDistribution> {
-        let mut moments = self.encoder.forward(pixels)?;
-        if let Some(conv) = &self.quant_conv {
-            moments = conv.forward(&moments)?;
-        }
+        let (_, _, height, width) = pixels.dims4()?;
+        let moments = match self.tiling {
+            Some(tiles) if height > tiles.sample() || width > tiles.sample() => {
+                tiles.encode(pixels, |tile| self.moments(tile))?
+            }
+            _ => self.moments(pixels)?,
+        };
         let halves = moments.chunk(2, 1)?;
         let (mean, logvar) = (&halves[0], &halves[1]);
         let std = (logvar.clamp(-30f32, 20f32)? * 0.5)?.exp()?;
@@ -103,18 +119,41 @@ impl Vae {
     /// Decodes one image at a time (diffusers' "VAE slicing"). Decoding a batch in one pass gave
     /// a wrong second image for some latents on the CPU (up to 0.1 off, against 0 for the same
     /// latents decoded alone; seen with inpainting at n = 2), and slicing also keeps the
-    /// decoder's activation memory at one image's worth.
+    /// decoder's activation memory at one image's worth. That is why slicing is not an option
+    /// here: the config's `enable_vae_slicing` is always in effect, and its output is what
+    /// diffusers' sliced decode gives. With tiling on, latents wider or taller than one tile
+    /// are decoded tile by tile.
     pub fn decode(&self, latents: &Tensor) -> candle_core::Result<Tensor> {
+        let (_, _, height, width) = latents.dims4()?;
         let images = (0..latents.dim(0)?)
             .map(|i| {
                 let latent = latents.narrow(0, i, 1)?.contiguous()?;
-                match &self.post_quant_conv {
-                    Some(conv) => self.decoder.forward(&conv.forward(&latent)?),
-                    None => self.decoder.forward(&latent),
+                match self.tiling {
+                    Some(tiles) if height > tiles.latent() || width > tiles.latent() => {
+                        tiles.decode(&latent, |tile| self.decode_one(tile))
+                    }
+                    _ => self.decode_one(&latent),
                 }
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Tensor::cat(&images, 0)
+    }
+
+    /// Encoder and quant conv, untiled: pixels → [mean | logvar].
+    fn moments(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
+        let moments = self.encoder.forward(pixels)?;
+        match &self.quant_conv {
+            Some(conv) => conv.forward(&moments),
+            None => Ok(moments),
+        }
+    }
+
+    /// Post-quant conv and decoder, untiled: latents → pixels.
+    fn decode_one(&self, latents: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.post_quant_conv {
+            Some(conv) => self.decoder.forward(&conv.forward(latents)?),
+            None => self.decoder.forward(latents),
+        }
     }
 }
 

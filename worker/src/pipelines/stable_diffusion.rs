@@ -37,6 +37,7 @@ use crate::models::config::{
 use crate::models::tokenizer::ClipTokenizer;
 use crate::models::unet::UNet;
 use crate::models::vae::Vae;
+use crate::models::vae_tiling::TileSizes;
 use crate::models::weights::load_var_builder;
 use crate::rng::TorchRng;
 use crate::schedulers::{Scheduler, SchedulerConfig, SchedulerKind};
@@ -49,6 +50,10 @@ pub struct LoadOptions {
     pub dtype: DType,
     /// The repo id or directory, used only to name the model in errors.
     pub source_name: String,
+    /// Encode and decode large pictures tile by tile, with tiles of the VAE config's
+    /// `sample_size` (diffusers' `enable_vae_tiling`). Slicing needs no option: the VAE always
+    /// decodes one image at a time.
+    pub vae_tiling: bool,
 }
 
 /// Which generation of Stable Diffusion a repo is.
@@ -208,7 +213,7 @@ impl StableDiffusion {
         }
         let vae_dir = dir.join("vae");
         let vae_vb = load_var_builder(source, &vae_dir, "diffusion_pytorch_model", dtype, device)?;
-        let vae = Vae::new(
+        let mut vae = Vae::new(
             vae_vb,
             vae_spec.in_channels,
             vae_spec.out_channels,
@@ -221,6 +226,11 @@ impl StableDiffusion {
                 e,
             )
         })?;
+        if opts.vae_tiling {
+            let tiles =
+                TileSizes::from_config_file(source, &vae_config_path, vae_spec.scale_factor)?;
+            vae.set_tiling(Some(tiles));
+        }
 
         let scheduler_config =
             SchedulerConfig::from_file(&dir.join("scheduler/scheduler_config.json"))?;
