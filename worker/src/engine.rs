@@ -13,12 +13,17 @@
 //!   time.
 //! * A job is cancelled when its event receiver is dropped (the gRPC stream went away): a queued
 //!   job is purged, a running job stops at its next denoising step.
+//! * Draining ([`Engine::drain`]): the state becomes [`EngineState::Draining`], so health says
+//!   NOT_SERVING and `Submit` is refused as unavailable (the gateway retries elsewhere); queued
+//!   and running jobs go on until the engine is idle or the grace period ends, when the rest is
+//!   cancelled with an UNAVAILABLE error.
 //! * Batching several jobs into one forward pass slots in at `Command::Next` (hand the thread a
 //!   group of compatible jobs instead of one).
 
 use std::collections::VecDeque;
 use std::ops::ControlFlow;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,6 +35,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::backend::{Backend, ModelDescription};
 use crate::encode;
 use crate::error::{Result, WorkerError};
+use crate::metrics;
 use crate::pipelines::stable_diffusion::{Progress, Stage, TextToImage};
 
 /// What a job asks for, already validated against the loaded model.
@@ -87,6 +93,8 @@ pub enum JobEvent {
 pub enum EngineState {
     Loading,
     Ready(Arc<ModelDescription>),
+    /// Shutting down: jobs already accepted run on, new ones are refused.
+    Draining(Arc<ModelDescription>),
     Failed(String),
 }
 
@@ -118,6 +126,8 @@ enum Command {
     Load {
         reply: oneshot::Sender<Load>,
     },
+    /// The grace period is over: fail every queued job (the running one is aborted separately).
+    CancelQueued,
 }
 
 /// Cloneable handle to the engine. Dropping every handle stops the queue actor and, after its
@@ -126,6 +136,13 @@ enum Command {
 pub struct Engine {
     commands: mpsc::UnboundedSender<Command>,
     state: watch::Receiver<EngineState>,
+    /// Shared with the model thread, which moves Loading → Ready/Failed; `drain` moves Ready →
+    /// Draining.
+    state_tx: Arc<watch::Sender<EngineState>>,
+    /// Queued + running, published by the queue actor after every command (drain waits on it).
+    load: watch::Receiver<Load>,
+    /// Set when the grace period ends; the running job stops at its next step.
+    abort: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -145,16 +162,83 @@ impl Engine {
     {
         let (commands, rx) = mpsc::unbounded_channel();
         let (state_tx, state) = watch::channel(EngineState::Loading);
-        tokio::spawn(run_queue(rx, max_queue.max(1), state.clone()));
+        let state_tx = Arc::new(state_tx);
+        let (load_tx, load_rx) = watch::channel(Load::default());
+        let abort = Arc::new(AtomicBool::new(false));
+        tokio::spawn(run_queue(rx, max_queue.max(1), state.clone(), load_tx));
         let thread_commands = commands.clone();
+        let thread_state = state_tx.clone();
+        let thread_abort = abort.clone();
         let spawned = std::thread::Builder::new()
             .name("fastfusion-model".into())
-            .spawn(move || run_model(load, thread_commands, state_tx));
+            .spawn(move || run_model(load, thread_commands, thread_state, thread_abort));
         if let Err(e) = spawned {
             // Without a model thread the engine can never serve; say so through the state.
             tracing::error!(error = %e, "cannot start the model thread");
         }
-        Engine { commands, state }
+        Engine {
+            commands,
+            state,
+            state_tx,
+            load: load_rx,
+            abort,
+        }
+    }
+
+    /// Stops taking jobs: the state becomes [`EngineState::Draining`] (a model still loading is
+    /// marked failed, as it will never serve). Jobs already accepted keep running.
+    pub fn start_draining(&self) {
+        self.state_tx.send_if_modified(|state| {
+            let next = match state {
+                EngineState::Ready(d) => EngineState::Draining(d.clone()),
+                EngineState::Loading => EngineState::Failed("the worker is shutting down".into()),
+                EngineState::Draining(_) | EngineState::Failed(_) => return false,
+            };
+            *state = next;
+            true
+        });
+    }
+
+    /// Waits until no job is queued or running.
+    pub async fn idle(&self) {
+        let mut load = self.load.clone();
+        // An error means the queue actor is gone, and with it every job.
+        let _ = load.wait_for(|l| l.queued == 0 && l.running == 0).await;
+    }
+
+    /// Fails every queued job and stops the running one at its next step, all with UNAVAILABLE.
+    pub fn cancel_all(&self) {
+        self.abort.store(true, Ordering::SeqCst);
+        let _ = self.commands.send(Command::CancelQueued);
+    }
+
+    /// Graceful drain: stop taking jobs, give accepted ones up to `grace` to finish, cancel the
+    /// rest and wait for the model thread to let go of them. Returns true when nothing had to be
+    /// cancelled.
+    pub async fn drain(&self, grace: Duration) -> bool {
+        self.start_draining();
+        let load = *self.load.borrow();
+        tracing::info!(
+            queued = load.queued,
+            running = load.running,
+            grace_secs = grace.as_secs_f64(),
+            "draining"
+        );
+        if tokio::time::timeout(grace, self.idle()).await.is_ok() {
+            tracing::info!("drained: every accepted job finished");
+            return true;
+        }
+        let load = *self.load.borrow();
+        tracing::warn!(
+            queued = load.queued,
+            running = load.running,
+            "grace period over; cancelling the remaining jobs"
+        );
+        self.cancel_all();
+        // The running job stops at its next denoising step; a decode already under way cannot be
+        // interrupted, so this wait is bounded by one step or one decode.
+        self.idle().await;
+        false
     }
 
     /// The model's lifecycle state now.
@@ -174,6 +258,7 @@ impl Engine {
             match &*state.borrow_and_update() {
                 EngineState::Ready(d) => return Ok(d.clone()),
                 EngineState::Failed(msg) => return Err(WorkerError::Unavailable(msg.clone())),
+                EngineState::Draining(_) => return Err(draining()),
                 EngineState::Loading => {}
             }
             if state.changed().await.is_err() {
@@ -215,11 +300,20 @@ fn stopped() -> WorkerError {
     WorkerError::Unavailable("the worker is shutting down".into())
 }
 
+fn draining() -> WorkerError {
+    WorkerError::Unavailable("the worker is draining for shutdown".into())
+}
+
+fn cancelled_by_shutdown() -> WorkerError {
+    WorkerError::Unavailable("the worker shut down before the job finished".into())
+}
+
 /// The queue actor: owns the FIFO and hands jobs to the model thread one at a time.
 async fn run_queue(
     mut commands: mpsc::UnboundedReceiver<Command>,
     max_queue: usize,
     state: watch::Receiver<EngineState>,
+    load: watch::Sender<Load>,
 ) {
     let mut queue: VecDeque<Job> = VecDeque::new();
     // Set while the model thread waits for work.
@@ -233,6 +327,7 @@ async fn run_queue(
                         "the model is still loading".into(),
                     )),
                     EngineState::Failed(msg) => Err(WorkerError::Unavailable(msg.clone())),
+                    EngineState::Draining(_) => Err(draining()),
                     EngineState::Ready(_) => Ok(()),
                 };
                 queue.retain(|j| !j.events.is_closed());
@@ -260,6 +355,12 @@ async fn run_queue(
                     running,
                 });
             }
+            Command::CancelQueued => {
+                for job in queue.drain(..) {
+                    metrics::job_cancelled("drain");
+                    let _ = job.events.send(JobEvent::Failed(cancelled_by_shutdown()));
+                }
+            }
         }
         if idle_runner.is_some() {
             queue.retain(|j| !j.events.is_closed());
@@ -278,6 +379,16 @@ async fn run_queue(
                 }
             }
         }
+        let now = Load {
+            queued: queue.len() as u32,
+            running,
+        };
+        metrics::set_queue_depth(queue.len());
+        load.send_if_modified(|published| {
+            let changed = *published != now;
+            *published = now;
+            changed
+        });
     }
 }
 
@@ -285,7 +396,8 @@ async fn run_queue(
 fn run_model<F>(
     load: F,
     commands: mpsc::UnboundedSender<Command>,
-    state: watch::Sender<EngineState>,
+    state: Arc<watch::Sender<EngineState>>,
+    abort: Arc<AtomicBool>,
 ) where
     F: FnOnce() -> Result<Box<dyn Backend>>,
 {
@@ -294,17 +406,23 @@ fn run_model<F>(
         Ok(b) => b,
         Err(e) => {
             tracing::error!(error = %e, kind = e.kind(), "model failed to load");
-            let _ = state.send(EngineState::Failed(format!("model failed to load: {e}")));
+            state.send_replace(EngineState::Failed(format!("model failed to load: {e}")));
             return;
         }
     };
     let description = Arc::new(backend.description());
-    tracing::info!(
-        seconds = started.elapsed().as_secs_f64(),
-        family = ?description.family,
-        "model loaded"
-    );
-    let _ = state.send(EngineState::Ready(description));
+    let seconds = started.elapsed().as_secs_f64();
+    metrics::set_model_load_seconds(seconds);
+    tracing::info!(seconds, family = ?description.family, "model loaded");
+    // A drain that began while loading has already marked the engine failed; leave it so.
+    state.send_if_modified(|s| {
+        if matches!(s, EngineState::Loading) {
+            *s = EngineState::Ready(description);
+            true
+        } else {
+            false
+        }
+    });
     loop {
         let (reply, job) = oneshot::channel();
         if commands.send(Command::Next { reply }).is_err() {
@@ -313,7 +431,7 @@ fn run_model<F>(
         let Ok(job) = job.blocking_recv() else {
             return;
         };
-        run_job(backend.as_ref(), job);
+        run_job(backend.as_ref(), job, &abort);
         if commands.send(Command::Finished).is_err() {
             return;
         }
@@ -323,6 +441,9 @@ fn run_model<F>(
 /// Sends step events, notices cancellation between steps and keeps the stage timings.
 struct EventProgress<'a> {
     events: &'a mpsc::UnboundedSender<JobEvent>,
+    abort: &'a AtomicBool,
+    /// When the previous step ended (or the prompt was encoded), for the step-time histogram.
+    last_step: Instant,
     encode_prompt: Duration,
     denoise: Duration,
     decode: Duration,
@@ -330,6 +451,11 @@ struct EventProgress<'a> {
 
 impl Progress for EventProgress<'_> {
     fn on_step(&mut self, step: usize, total: usize, _latents: &Tensor) -> ControlFlow<()> {
+        metrics::observe_step(self.last_step.elapsed());
+        self.last_step = Instant::now();
+        if self.abort.load(Ordering::SeqCst) {
+            return ControlFlow::Break(());
+        }
         let sent = self.events.send(JobEvent::Progress {
             step: step as u32,
             total: total as u32,
@@ -343,21 +469,29 @@ impl Progress for EventProgress<'_> {
 
     fn on_stage(&mut self, stage: Stage, took: Duration) {
         match stage {
-            Stage::EncodePrompt => self.encode_prompt = took,
+            Stage::EncodePrompt => {
+                self.encode_prompt = took;
+                // Steps are timed from here, so the first one does not include prompt encoding.
+                self.last_step = Instant::now();
+            }
             Stage::Denoise => self.denoise = took,
             Stage::Decode => self.decode = took,
         }
     }
 }
 
-fn run_job(backend: &dyn Backend, job: Job) {
+fn run_job(backend: &dyn Backend, job: Job, abort: &AtomicBool) {
     let started = Instant::now();
     let queue_time = started.duration_since(job.enqueued);
+    let batch_size = job.spec.generation.n;
+    metrics::observe_batch_size(batch_size);
     let _ = job.events.send(JobEvent::Started {
-        batch_size: job.spec.generation.n as u32,
+        batch_size: batch_size as u32,
     });
     let mut progress = EventProgress {
         events: &job.events,
+        abort,
+        last_step: started,
         encode_prompt: Duration::ZERO,
         denoise: Duration::ZERO,
         decode: Duration::ZERO,
@@ -399,6 +533,7 @@ fn run_job(backend: &dyn Backend, job: Job) {
     });
     match result {
         Ok(()) => {
+            metrics::observe_job(started.elapsed());
             let ms = |d: Duration| d.as_millis() as u64;
             let _ = job.events.send(JobEvent::Done(Timings {
                 queue_ms: ms(queue_time),
@@ -408,7 +543,13 @@ fn run_job(backend: &dyn Backend, job: Job) {
                 total_ms: ms(job.enqueued.elapsed()),
             }));
         }
+        Err(WorkerError::Cancelled) if abort.load(Ordering::SeqCst) => {
+            metrics::job_cancelled("drain");
+            tracing::warn!(request_id = %job.spec.request_id, "cancelled: grace period over");
+            let _ = job.events.send(JobEvent::Failed(cancelled_by_shutdown()));
+        }
         Err(WorkerError::Cancelled) => {
+            metrics::job_cancelled("client_gone");
             tracing::info!(request_id = %job.spec.request_id, "cancelled by the caller");
         }
         Err(e) => {

@@ -28,6 +28,7 @@ pub mod engine;
 pub mod error;
 pub mod hub;
 pub mod inputs;
+pub mod metrics;
 pub mod models;
 pub mod pipelines;
 pub mod rng;

@@ -1,6 +1,7 @@
 //! `fastfusion-worker`: serve one model over gRPC, or use it from the command line.
 //!
-//! * `serve`    — the worker a gateway talks to (`--config model_config.json --listen 0.0.0.0:50051`)
+//! * `serve`    — the worker a gateway talks to (`--config model_config.json --listen 0.0.0.0:50051`);
+//!   SIGTERM or ctrl-c drains it (see [`serve`]), `--metrics-listen` serves Prometheus metrics
 //! * `generate` — one request, straight to a PNG file, no server
 //! * `bench`    — seconds per text encode, denoising step and VAE decode
 
@@ -8,12 +9,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use fastfusion_worker::config::ModelConfig;
 use fastfusion_worker::error::{Result, WorkerError};
-use fastfusion_worker::{bench, service, startup};
+use fastfusion_worker::{bench, metrics, service, startup};
 
 #[derive(Parser, Debug)]
 #[command(name = "fastfusion-worker", version, about = "FastFusion model worker")]
@@ -43,6 +44,13 @@ enum Command {
             default_value = "0.0.0.0:50051"
         )]
         listen: SocketAddr,
+        /// Seconds accepted jobs get to finish after SIGTERM / ctrl-c before they are cancelled.
+        #[arg(long, env = "FASTFUSION_DRAIN_GRACE_SECS", default_value_t = 30)]
+        drain_grace_secs: u64,
+        /// Serve Prometheus metrics on this address (any path); off when unset. Port 0 picks a
+        /// free one (the log says which).
+        #[arg(long, env = "FASTFUSION_WORKER_METRICS_LISTEN")]
+        metrics_listen: Option<SocketAddr>,
     },
     /// Generate images from a prompt and write them as PNG files.
     Generate(GenerateArgs),
@@ -110,7 +118,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(&cli.log_level);
     let outcome = match cli.command {
-        Command::Serve { config, listen } => serve(&config, listen),
+        Command::Serve {
+            config,
+            listen,
+            drain_grace_secs,
+            metrics_listen,
+        } => serve(
+            &config,
+            listen,
+            Duration::from_secs(drain_grace_secs),
+            metrics_listen,
+        ),
         Command::Generate(args) => generate(args),
         Command::Bench(args) => run_bench(args),
     };
@@ -145,19 +163,40 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .map_err(|e| WorkerError::Internal(format!("tokio runtime: {e}")))
 }
 
-fn serve(config_path: &Path, listen: SocketAddr) -> Result<()> {
+/// Serves until SIGTERM / ctrl-c, then drains: health goes NOT_SERVING and new Generate calls
+/// get UNAVAILABLE at once, accepted jobs have `drain_grace` to finish, the rest is cancelled
+/// (their callers get UNAVAILABLE), and the server stops once their streams are flushed.
+fn serve(
+    config_path: &Path,
+    listen: SocketAddr,
+    drain_grace: Duration,
+    metrics_listen: Option<SocketAddr>,
+) -> Result<()> {
     runtime()?.block_on(async {
         let config = Arc::new(startup::read_config(config_path)?);
+        if let Some(addr) = metrics_listen {
+            let (bound, exporter) = metrics::install(addr).await?;
+            // Not "listening on": the end-to-end tests look for that marker for the gRPC port.
+            tracing::info!("metrics at http://{bound}/metrics");
+            tokio::spawn(exporter);
+        }
         let engine = startup::start_engine(config.clone(), config_path.parent());
         let (listener, addr) = service::bind(listen).await?;
         // The end-to-end tests read this line to find the port.
         tracing::info!("listening on {addr}");
+        let draining = engine.clone();
+        let shutdown = async move {
+            shutdown_signal().await;
+            draining.drain(drain_grace).await;
+        };
         service::serve(
             listener,
             service::WorkerService::new(engine, config),
-            shutdown_signal(),
+            shutdown,
         )
-        .await
+        .await?;
+        tracing::info!("stopped");
+        Ok(())
     })
 }
 
@@ -177,7 +216,7 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     let terminate = std::future::pending::<()>();
     tokio::select! { () = ctrl_c => {}, () = terminate => {} }
-    tracing::info!("shutting down");
+    tracing::info!("shutdown requested");
 }
 
 /// The config and the directory its relative paths are resolved against.

@@ -343,7 +343,8 @@ impl WorkerService {
         let config = &self.config;
         let pipeline = &config.pipeline;
         let description = match state {
-            EngineState::Ready(d) => Some(d.clone()),
+            // A draining worker still describes its model; health tells the gateway to go elsewhere.
+            EngineState::Ready(d) | EngineState::Draining(d) => Some(d.clone()),
             EngineState::Loading | EngineState::Failed(_) => None,
         };
         let inpainting_model = description.as_ref().is_some_and(|d| d.inpainting_model);
@@ -492,14 +493,34 @@ impl Worker for WorkerService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
+        let events = self.admit(request.into_inner()).await.map_err(|e| {
+            crate::metrics::request_rejected(e.kind());
+            Status::from(e)
+        })?;
+        Ok(Response::new(events))
+    }
+}
+
+impl WorkerService {
+    /// Validates, prepares and queues a request; every error here is a rejection (counted by
+    /// kind in `fastfusion_worker_rejections_total`).
+    async fn admit(&self, request: GenerateRequest) -> Result<EventStream> {
         let model = match self.engine.state() {
             EngineState::Ready(d) => d,
             EngineState::Loading => {
-                return Err(WorkerError::Unavailable("the model is still loading".into()).into())
+                return Err(WorkerError::Unavailable(
+                    "the model is still loading".into(),
+                ))
             }
-            EngineState::Failed(msg) => return Err(WorkerError::Unavailable(msg).into()),
+            // UNAVAILABLE sends the gateway to another worker.
+            EngineState::Draining(_) => {
+                return Err(WorkerError::Unavailable(
+                    "the worker is draining for shutdown".into(),
+                ))
+            }
+            EngineState::Failed(msg) => return Err(WorkerError::Unavailable(msg)),
         };
-        let valid = self.validate(request.into_inner(), &model)?;
+        let valid = self.validate(request, &model)?;
         let spec = self.prepare_job(valid).await?;
         let seed = spec.generation.seed;
         let format = spec.output_format;
@@ -543,7 +564,7 @@ impl Worker for WorkerService {
             };
             Ok(GenerateEvent { event: Some(event) })
         });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Box::pin(stream))
     }
 }
 
@@ -583,13 +604,16 @@ fn with_param(mut status: Status, param: &str) -> Status {
     status
 }
 
-/// Keeps `grpc.health.v1` in step with the engine: NOT_SERVING until the model is loaded.
+/// Keeps `grpc.health.v1` in step with the engine: NOT_SERVING until the model is loaded and
+/// again from the moment a drain begins.
 async fn report_health(engine: Engine, reporter: tonic_health::server::HealthReporter) {
     let mut state = engine.watch_state();
     loop {
         let status = match &*state.borrow_and_update() {
             EngineState::Ready(_) => ServingStatus::Serving,
-            EngineState::Loading | EngineState::Failed(_) => ServingStatus::NotServing,
+            EngineState::Loading | EngineState::Draining(_) | EngineState::Failed(_) => {
+                ServingStatus::NotServing
+            }
         };
         reporter.set_service_status("", status).await;
         reporter
