@@ -4,7 +4,9 @@
 //! files (today: the Stable Diffusion 1.x/2.x family; SDXL and FLUX slot in here by
 //! `model_index.json`'s `_class_name`). Every task takes the shared generation parameters
 //! ([`TextToImage`]); image-to-image and inpainting add their input, already decoded and at the
-//! output size (see `crate::inputs`).
+//! output size (see `crate::inputs`). [`Backend::generate`] runs a batch of compatible requests
+//! (the engine's dynamic batching); a backend that cannot share forward passes runs them one
+//! after the other.
 
 use std::path::Path;
 
@@ -13,9 +15,9 @@ use image::{GrayImage, RgbImage};
 
 use crate::error::Result;
 use crate::pipelines::stable_diffusion::{
-    Family, LoadOptions, Progress, StableDiffusion, TextToImage,
+    BatchEntry, Family, Input, LoadOptions, Progress, StableDiffusion, TextToImage,
 };
-use crate::schedulers::SchedulerKind;
+use crate::schedulers::{SchedulerConfig, SchedulerKind};
 
 /// What the loaded model is and what it accepts; reported through `Info`.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,6 +38,11 @@ pub struct ModelDescription {
 /// A loaded model that can make images. Runs on the model thread only (synchronous).
 pub trait Backend: Send {
     fn description(&self) -> ModelDescription;
+    /// The scheduler config requests' schedulers are built from, so that a step count a
+    /// scheduler cannot place is refused before queueing; `None` when there is nothing to check.
+    fn scheduler_config(&self) -> Option<SchedulerConfig> {
+        None
+    }
     fn text_to_image(
         &self,
         req: &TextToImage,
@@ -58,6 +65,30 @@ pub trait Backend: Send {
         strength: f64,
         progress: &mut dyn Progress,
     ) -> Result<Vec<RgbImage>>;
+
+    /// Runs `batch` (requests that share task, size, steps, scheduler, guidance on or off and
+    /// strength), one result per entry in order; one request's failure or cancellation leaves
+    /// the others running. By default one after the other; a pipeline that can share forward
+    /// passes overrides this.
+    fn generate(&self, batch: &mut [BatchEntry<'_>]) -> Vec<Result<Vec<RgbImage>>> {
+        batch
+            .iter_mut()
+            .map(|entry| {
+                let (req, progress) = (entry.request, &mut *entry.progress);
+                match entry.input {
+                    Input::Text => self.text_to_image(req, progress),
+                    Input::Image { image, strength } => {
+                        self.image_to_image(req, image, strength, progress)
+                    }
+                    Input::Inpaint {
+                        image,
+                        mask,
+                        strength,
+                    } => self.inpaint(req, image, mask, strength, progress),
+                }
+            })
+            .collect()
+    }
 }
 
 /// Loads the pipeline that fits the model directory `dir`.
@@ -82,6 +113,10 @@ impl Backend for StableDiffusion {
             default_scheduler: self.default_scheduler(),
             inpainting_model: self.is_inpainting_model(),
         }
+    }
+
+    fn scheduler_config(&self) -> Option<SchedulerConfig> {
+        Some(StableDiffusion::scheduler_config(self).clone())
     }
 
     fn text_to_image(
@@ -111,5 +146,9 @@ impl Backend for StableDiffusion {
         progress: &mut dyn Progress,
     ) -> Result<Vec<RgbImage>> {
         StableDiffusion::inpaint(self, req, image, mask, strength, progress)
+    }
+
+    fn generate(&self, batch: &mut [BatchEntry<'_>]) -> Vec<Result<Vec<RgbImage>>> {
+        self.generate_batch(batch)
     }
 }

@@ -1,8 +1,15 @@
-//! `fastfusion-worker bench`: where a request's time goes, stage by stage.
+//! `fastfusion-worker bench`: figures for the issue notes, each printed as a small table.
 //!
-//! Times the text encoder, one denoising step (steady state: the mean interval between step
-//! callbacks after the first) and the VAE decode, each after a warm-up run, on the configured
-//! device and dtype. Prints a small table; the figures go into issue notes.
+//! * `--mode stages` (this file): where a request's time goes. Times the text encoder, one
+//!   denoising step (steady state: the mean interval between step callbacks after the first)
+//!   and the VAE decode, each after a warm-up run, on the configured device and dtype.
+//! * `--mode memory` ([`memory`]): peak resident memory and time per memory option set, one
+//!   child process per set.
+//! * `--mode throughput` ([`throughput`]): images per minute at several client concurrencies
+//!   against the in-process engine, batching off and on.
+
+pub mod memory;
+pub mod throughput;
 
 use std::fmt;
 use std::ops::ControlFlow;
@@ -26,7 +33,12 @@ pub struct BenchSettings {
     pub guidance_scale: f64,
     /// Timed runs of each stage, after one untimed warm-up.
     pub repeat: usize,
+    /// Images per request where a mode makes whole requests (memory).
+    pub images: usize,
 }
+
+/// The prompt every bench request uses.
+const PROMPT: &str = "a photograph of an astronaut riding a horse on the moon";
 
 /// Mean seconds per stage.
 #[derive(Debug, Clone)]
@@ -91,7 +103,7 @@ pub fn run(
     let model = StableDiffusion::load(&dir, &options)?;
     let load = started.elapsed();
     let cfg = settings.guidance_scale > 1.0;
-    let prompt = "a photograph of an astronaut riding a horse on the moon";
+    let prompt = PROMPT;
 
     let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<Duration> {
         f()?; // warm-up: first-call allocations and kernel selection are not what we measure

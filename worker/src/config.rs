@@ -17,6 +17,7 @@
 //! (float32, false, the seed's section defaults, no presets), as the README gives obvious values.
 //!
 //! Our extensions live under `pipeline` and are all optional: `max_queue` (32), `max_batch` (4),
+//! `batch_window_ms` (10; how long a batch that is not full waits for compatible requests),
 //! `max_pixels` (1792 × 1024, so every size OpenAI's API offers fits), `max_steps` (150),
 //! `default_strength` (0.8) and `scheduler` (our name of a scheduler to use instead of the
 //! repo's own; the pipeline checks the name against the schedulers it has).
@@ -40,6 +41,11 @@ use crate::error::{Result, WorkerError};
 pub const DEFAULT_MAX_QUEUE: usize = 32;
 /// Default `pipeline.max_batch`: images denoised together in one forward pass.
 pub const DEFAULT_MAX_BATCH: usize = 4;
+/// Default `pipeline.batch_window_ms`: a batch that is not full waits this long (from its oldest
+/// request's arrival) for compatible requests; short next to a step, long enough for a burst.
+pub const DEFAULT_BATCH_WINDOW_MS: u64 = 10;
+/// Longest `pipeline.batch_window_ms` accepted: more would hold requests up noticeably.
+pub const MAX_BATCH_WINDOW_MS: u64 = 1000;
 /// Default `pipeline.max_pixels`: 1792 × 1024, the largest size OpenAI's image API offers.
 pub const DEFAULT_MAX_PIXELS: u64 = 1792 * 1024;
 /// Default `pipeline.max_steps`: most denoising steps one request may ask for.
@@ -98,6 +104,9 @@ pub struct PipelineConfig {
     pub max_queue: usize,
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,
+    /// 0 runs whatever is queued at once.
+    #[serde(default = "default_batch_window_ms")]
+    pub batch_window_ms: u64,
     #[serde(default = "default_max_pixels")]
     pub max_pixels: u64,
     #[serde(default = "default_max_steps")]
@@ -294,6 +303,7 @@ impl ModelConfig {
                 loras: Vec::new(),
                 max_queue: DEFAULT_MAX_QUEUE,
                 max_batch: DEFAULT_MAX_BATCH,
+                batch_window_ms: DEFAULT_BATCH_WINDOW_MS,
                 max_pixels: DEFAULT_MAX_PIXELS,
                 max_steps: DEFAULT_MAX_STEPS,
                 default_strength: DEFAULT_STRENGTH,
@@ -328,6 +338,15 @@ impl ModelConfig {
         at_least_one("pipeline.max_n", p.max_n)?;
         at_least_one("pipeline.max_queue", p.max_queue)?;
         at_least_one("pipeline.max_batch", p.max_batch)?;
+        if p.batch_window_ms > MAX_BATCH_WINDOW_MS {
+            return Err(WorkerError::config(
+                "pipeline.batch_window_ms",
+                format!(
+                    "must be at most {MAX_BATCH_WINDOW_MS} ms, got {}",
+                    p.batch_window_ms
+                ),
+            ));
+        }
         if p.max_pixels == 0 {
             return Err(WorkerError::config(
                 "pipeline.max_pixels",
@@ -545,6 +564,9 @@ fn default_max_queue() -> usize {
 }
 fn default_max_batch() -> usize {
     DEFAULT_MAX_BATCH
+}
+fn default_batch_window_ms() -> u64 {
+    DEFAULT_BATCH_WINDOW_MS
 }
 fn default_max_pixels() -> u64 {
     DEFAULT_MAX_PIXELS
@@ -776,6 +798,7 @@ mod tests {
         assert!(p.loras.is_empty());
         assert_eq!(p.max_queue, 32);
         assert_eq!(p.max_batch, 4);
+        assert_eq!(p.batch_window_ms, 10);
         assert_eq!(p.max_pixels, 1792 * 1024);
         assert_eq!(p.max_steps, 150);
         assert_eq!(p.default_strength, 0.8);
@@ -924,6 +947,11 @@ mod tests {
             ),
             ("max_queue", serde_json::json!(0), "pipeline.max_queue"),
             ("max_batch", serde_json::json!(0), "pipeline.max_batch"),
+            (
+                "batch_window_ms",
+                serde_json::json!(1001),
+                "pipeline.batch_window_ms",
+            ),
             ("max_pixels", serde_json::json!(0), "pipeline.max_pixels"),
             ("max_steps", serde_json::json!(0), "pipeline.max_steps"),
             (

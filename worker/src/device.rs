@@ -6,9 +6,14 @@
 //! which feature to build with, rather than a silent fall back to a CPU that would be hundreds of
 //! times slower.
 //!
-//! [`select_dtype`] picks the precision tensors run in. The requested precision is probed with a
-//! small matmul and convolution on the device; one the device cannot run falls back to float32
-//! with a warning instead of failing:
+//! [`select_precision`] picks the two precisions of the seed's config, as diffusers'
+//! `from_pretrained(torch_dtype=init)` followed by `.to(run)` does: weights are converted to
+//! `torch_dtype_init` as they are read, then to `torch_dtype_run` (default: the init dtype), which
+//! the model runs in. So init float32 / run float16 gives the float16 model; init float16 / run
+//! float32 runs in float32 on weights rounded to float16 (the log says so, naming the key). The
+//! init dtype is only storage: every device converts to and from all three. The run precision is
+//! probed with a small matmul and convolution on the device; one the device cannot run falls back
+//! to float32 with a warning naming its key instead of failing:
 //! - CPU: candle's CPU matmul has no bfloat16 kernel at all, so bfloat16 falls back. float16 runs
 //!   as asked (it halves weight memory) but gains no speed: measured on this project's 2-core
 //!   x86-64 machines (candle 0.11), a 1024³ matmul takes as long as in float32, a 320-channel 3×3
@@ -21,8 +26,10 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::{DTypeSpec, DeviceSpec};
 use crate::error::{Result, WorkerError};
 
-/// The config key both functions report against.
+/// The config keys these functions report against.
 const DEVICE_KEY: &str = "pipeline.torch_device";
+const INIT_KEY: &str = "pipeline.torch_dtype_init";
+const RUN_KEY: &str = "pipeline.torch_dtype_run";
 
 /// Opens the device `spec` names, or explains why this build or machine cannot.
 pub fn select_device(spec: DeviceSpec) -> Result<Device> {
@@ -56,27 +63,72 @@ fn missing_feature(spec: DeviceSpec, feature: &str) -> WorkerError {
     )
 }
 
-/// The precision to run in on `device` for the configured `spec` (see the module doc).
-pub fn select_dtype(spec: DTypeSpec, device: &Device) -> DType {
-    let wanted = match spec {
-        DTypeSpec::F32 => return DType::F32,
-        DTypeSpec::F16 => DType::F16,
-        DTypeSpec::Bf16 => DType::BF16,
+/// The precisions a model is loaded with (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Precision {
+    /// Weights are converted to this as they are read (`torch_dtype_init`).
+    pub init: DType,
+    /// Weights and activations of the model at run time (`torch_dtype_run`).
+    pub run: DType,
+}
+
+/// The precisions for `init` and `run` (`None`: same as init) on `device`, and remarks for the
+/// log, each starting with the config key it is about.
+pub fn select_precision(
+    init: DTypeSpec,
+    run: Option<DTypeSpec>,
+    device: &Device,
+) -> (Precision, Vec<String>) {
+    let mut notes = Vec::new();
+    // An absent run dtype inherits the init one, so a fall-back is that key's doing.
+    let (run_key, run) = match run {
+        Some(run) => (RUN_KEY, run),
+        None => (INIT_KEY, init),
     };
-    match probe(wanted, device) {
-        Ok(()) => {
-            if device.is_cpu() {
-                tracing::info!(
-                    requested = %spec,
-                    "half precision on the CPU saves memory but runs slower than float32"
-                );
-            }
-            wanted
-        }
+    let run_dtype = match probe(dtype_of(run), device) {
+        Ok(()) => dtype_of(run),
         Err(e) => {
-            tracing::warn!(requested = %spec, error = %e, "this device cannot run the requested precision: using float32");
+            notes.push(format!(
+                "{run_key}: this device cannot run {run} ({e}): running in float32"
+            ));
             DType::F32
         }
+    };
+    if device.is_cpu() && run_dtype != DType::F32 {
+        notes.push(format!(
+            "{run_key}: {run} on the CPU saves memory but runs slower than float32"
+        ));
+    }
+    let init_dtype = dtype_of(init);
+    // float32 holds float16 and bfloat16 values exactly; any other pair rounds on the way.
+    if init_dtype != run_dtype && init_dtype != DType::F32 {
+        notes.push(format!(
+            "{INIT_KEY}: weights are rounded to {init} as they are read, then run in {}: \
+             images match a {init} checkpoint, not a full-precision one",
+            spec_name(run_dtype)
+        ));
+    }
+    let precision = Precision {
+        init: init_dtype,
+        run: run_dtype,
+    };
+    (precision, notes)
+}
+
+fn dtype_of(spec: DTypeSpec) -> DType {
+    match spec {
+        DTypeSpec::F32 => DType::F32,
+        DTypeSpec::F16 => DType::F16,
+        DTypeSpec::Bf16 => DType::BF16,
+    }
+}
+
+/// torch's name of the dtypes [`dtype_of`] gives.
+fn spec_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F16 => "float16",
+        DType::BF16 => "bfloat16",
+        _ => "float32",
     }
 }
 
@@ -126,9 +178,53 @@ mod tests {
 
     #[test]
     fn cpu_runs_float32_and_float16_and_falls_back_from_bfloat16() {
-        assert_eq!(select_dtype(DTypeSpec::F32, &Device::Cpu), DType::F32);
-        assert_eq!(select_dtype(DTypeSpec::F16, &Device::Cpu), DType::F16);
-        assert_eq!(select_dtype(DTypeSpec::Bf16, &Device::Cpu), DType::F32);
+        let run = |spec| {
+            select_precision(DTypeSpec::F32, Some(spec), &Device::Cpu)
+                .0
+                .run
+        };
+        assert_eq!(run(DTypeSpec::F32), DType::F32);
+        assert_eq!(run(DTypeSpec::F16), DType::F16);
+        assert_eq!(run(DTypeSpec::Bf16), DType::F32);
+    }
+
+    #[test]
+    fn init_is_storage_only_and_run_defaults_to_it() {
+        let (p, notes) = select_precision(DTypeSpec::F32, None, &Device::Cpu);
+        assert_eq!((p.init, p.run), (DType::F32, DType::F32));
+        assert!(notes.is_empty(), "{notes:?}");
+        // bfloat16 cannot run on the CPU but can be stored: init keeps it, run falls back.
+        let (p, _) = select_precision(DTypeSpec::Bf16, Some(DTypeSpec::F32), &Device::Cpu);
+        assert_eq!((p.init, p.run), (DType::BF16, DType::F32));
+        let (p, _) = select_precision(DTypeSpec::F16, None, &Device::Cpu);
+        assert_eq!((p.init, p.run), (DType::F16, DType::F16));
+    }
+
+    #[test]
+    fn notes_name_the_key_responsible() {
+        // A fall-back is blamed on torch_dtype_run when given, else on torch_dtype_init.
+        let (_, notes) = select_precision(DTypeSpec::F32, Some(DTypeSpec::Bf16), &Device::Cpu);
+        assert!(
+            notes[0].starts_with("pipeline.torch_dtype_run: "),
+            "{notes:?}"
+        );
+        assert!(notes[0].contains("bfloat16"), "{notes:?}");
+        let (_, notes) = select_precision(DTypeSpec::Bf16, None, &Device::Cpu);
+        assert!(
+            notes[0].starts_with("pipeline.torch_dtype_init: "),
+            "{notes:?}"
+        );
+        // Rounding to a narrower init dtype before running wider is worth a remark.
+        let (_, notes) = select_precision(DTypeSpec::F16, Some(DTypeSpec::F32), &Device::Cpu);
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(
+            notes[0].starts_with("pipeline.torch_dtype_init: weights are rounded to float16"),
+            "{notes:?}"
+        );
+        // Half precision on the CPU runs, with a remark on speed.
+        let (_, notes) = select_precision(DTypeSpec::F32, Some(DTypeSpec::F16), &Device::Cpu);
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].starts_with("pipeline.torch_dtype_run: float16 on the CPU"));
     }
 
     #[test]

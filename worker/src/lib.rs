@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! service.rs     gRPC adapter: GenerateRequest → ValidJob, WorkerError → tonic::Status, grpc.health.v1
-//! engine.rs      the job actor: bounded FIFO queue, one model thread, progress and cancellation
+//! engine.rs      the job actor: bounded FIFO queue, dynamic batching of compatible jobs, one model
+//!                thread, progress, previews and cancellation
 //! pipelines/     text-to-image, image-to-image and inpainting on the loaded model
 //! models/        unet, vae, clip text encoder, tokenizer — built from diffusers config.json files
 //! schedulers/    the denoising step rules, each matching its diffusers class

@@ -3,7 +3,8 @@
 //! * `serve`    — the worker a gateway talks to (`--config model_config.json --listen 0.0.0.0:50051`);
 //!   SIGTERM or ctrl-c drains it (see [`serve`]), `--metrics-listen` serves Prometheus metrics
 //! * `generate` — one request, straight to a PNG file, no server
-//! * `bench`    — seconds per text encode, denoising step and VAE decode
+//! * `bench`    — seconds per text encode, denoising step and VAE decode; `--mode memory`: peak
+//!   memory per memory option; `--mode throughput`: images/minute by concurrency, batching off/on
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,7 +12,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use fastfusion_worker::config::ModelConfig;
 use fastfusion_worker::error::{Result, WorkerError};
 use fastfusion_worker::{bench, metrics, service, startup};
@@ -27,6 +28,15 @@ struct Cli {
         global = true
     )]
     log_level: String,
+    /// Log lines as `text` or `json` (one object per line). Spans go to OTLP when
+    /// OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    #[arg(
+        long,
+        env = "FASTFUSION_LOGFORMAT",
+        default_value = "text",
+        global = true
+    )]
+    log_format: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -54,7 +64,7 @@ enum Command {
     },
     /// Generate images from a prompt and write them as PNG files.
     Generate(GenerateArgs),
-    /// Time the pipeline's stages on random inputs.
+    /// Time the pipeline's stages, measure peak memory per memory option, or throughput.
     Bench(BenchArgs),
 }
 
@@ -112,11 +122,50 @@ struct BenchArgs {
     /// Timed repetitions of each stage (after one warm-up).
     #[arg(long, default_value_t = 3)]
     repeat: usize,
+    #[arg(long, value_enum, default_value_t = BenchMode::Stages)]
+    mode: BenchMode,
+    /// Images per request (memory, throughput).
+    #[arg(long, default_value_t = 1)]
+    n: usize,
+    /// Memory: option sets to compare, comma-separated (baseline, vae_tiling, vae_slicing,
+    /// cpu_offload, "cpu_offload+vae_tiling", "init f16 / run f32", "init f32 / run f16",
+    /// "init f16 / run f16"); all when absent.
+    #[arg(long, value_delimiter = ',')]
+    options: Vec<String>,
+    /// Throughput: requests per concurrency level, shared among the clients.
+    #[arg(long, default_value_t = 16)]
+    requests: usize,
+    /// Throughput: numbers of concurrent clients.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    concurrency: Vec<usize>,
+    /// Throughput: `pipeline.max_batch` values to compare (1 is batching off).
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    max_batch: Vec<usize>,
+    /// Internal to `--mode memory`: measure this one option set in this process and report.
+    #[arg(long, hide = true)]
+    memory_child: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum BenchMode {
+    /// Seconds per text encode, denoising step and VAE decode.
+    Stages,
+    /// Peak resident memory and time per memory option set, one child process each.
+    Memory,
+    /// Images per minute at each concurrency, for each max_batch.
+    Throughput,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(&cli.log_level);
+    // Kept until exit: dropping it flushes the spans still batched for OTLP.
+    let _telemetry = match init_tracing(&cli.log_level, &cli.log_format) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let outcome = match cli.command {
         Command::Serve {
             config,
@@ -141,19 +190,27 @@ fn main() -> ExitCode {
     }
 }
 
-/// Maps the seed's level names (WARNING, CRITICAL) onto tracing's.
-fn init_tracing(level: &str) {
-    let level = match level.to_ascii_lowercase().as_str() {
-        "warning" => "warn".to_string(),
-        "critical" | "fatal" => "error".to_string(),
-        other => other.to_string(),
-    };
-    let filter = tracing_subscriber::EnvFilter::try_new(&level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+/// Logging (the seed's level names, WARNING and CRITICAL, work too) and OTLP tracing.
+fn init_tracing(level: &str, format: &str) -> Result<fastfusion_telemetry::Telemetry> {
+    let level = fastfusion_telemetry::parse_level(level).ok_or_else(|| {
+        WorkerError::invalid(
+            "FASTFUSION_LOGLEVEL (--log-level)",
+            format!("must be one of trace, debug, info, warning, error, got '{level}'"),
+        )
+    })?;
+    let format = fastfusion_telemetry::LogFormat::parse(format).ok_or_else(|| {
+        WorkerError::invalid(
+            "FASTFUSION_LOGFORMAT (--log-format)",
+            format!("must be text or json, got '{format}'"),
+        )
+    })?;
+    fastfusion_telemetry::init(&fastfusion_telemetry::TelemetrySettings {
+        service_name: "fastfusion-worker",
+        level,
+        format,
+        stderr: true,
+    })
+    .map_err(|e| WorkerError::Internal(e.to_string()))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -318,17 +375,87 @@ fn numbered(path: &Path, i: usize) -> PathBuf {
 fn run_bench(args: BenchArgs) -> Result<()> {
     let (config, base_dir) = load_source(&args.source)?;
     let (width, height) = parse_size(&args.size)?;
-    let report = bench::run(
-        &config,
-        base_dir.as_deref(),
-        &bench::BenchSettings {
-            width,
-            height,
-            steps: args.steps,
-            guidance_scale: args.guidance,
-            repeat: args.repeat.max(1),
-        },
-    )?;
-    println!("{report}");
+    let at_least_one = |flag: &str, values: &[usize]| {
+        if values.is_empty() || values.contains(&0) {
+            return Err(WorkerError::invalid(flag, "give numbers of at least 1"));
+        }
+        Ok(())
+    };
+    at_least_one("n", &[args.n])?;
+    let settings = bench::BenchSettings {
+        width,
+        height,
+        steps: args.steps,
+        guidance_scale: args.guidance,
+        repeat: args.repeat.max(1),
+        images: args.n,
+    };
+    if let Some(name) = &args.memory_child {
+        let case = memory_case(name)?;
+        let report = bench::memory::run_child(case, &config, base_dir.as_deref(), &settings)?;
+        println!("{}", report.line());
+        return Ok(());
+    }
+    match args.mode {
+        BenchMode::Stages => {
+            println!("{}", bench::run(&config, base_dir.as_deref(), &settings)?);
+        }
+        BenchMode::Memory => {
+            let cases = if args.options.is_empty() {
+                bench::memory::MemoryCase::ALL.to_vec()
+            } else {
+                args.options
+                    .iter()
+                    .map(|name| memory_case(name.trim()))
+                    .collect::<Result<_>>()?
+            };
+            let exe = std::env::current_exe()
+                .map_err(|e| WorkerError::Internal(format!("cannot find this program: {e}")))?;
+            let report = bench::memory::run(&settings, &cases, |case| {
+                let mut child = std::process::Command::new(&exe);
+                child.args(["--log-level", "error", "bench"]);
+                match (&args.source.config, &args.source.model) {
+                    (Some(path), _) => child.arg("--config").arg(path),
+                    (None, model) => child.arg("--model").args(model),
+                };
+                child
+                    .args(["--size", &args.size])
+                    .args(["--steps", &args.steps.to_string()])
+                    .args(["--guidance", &args.guidance.to_string()])
+                    .args(["--n", &args.n.to_string()])
+                    .args(["--memory-child", case.name()]);
+                child
+            })?;
+            println!("{report}");
+        }
+        BenchMode::Throughput => {
+            at_least_one("concurrency", &args.concurrency)?;
+            at_least_one("max-batch", &args.max_batch)?;
+            at_least_one("requests", &[args.requests])?;
+            let throughput = bench::throughput::ThroughputSettings {
+                width,
+                height,
+                steps: args.steps,
+                guidance_scale: args.guidance,
+                images: args.n,
+                requests: args.requests,
+                concurrency: args.concurrency.clone(),
+                max_batch: args.max_batch.clone(),
+            };
+            let report = runtime()?.block_on(bench::throughput::run(
+                &config,
+                base_dir.as_deref(),
+                &throughput,
+            ))?;
+            println!("{report}");
+        }
+    }
     Ok(())
+}
+
+fn memory_case(name: &str) -> Result<bench::memory::MemoryCase> {
+    bench::memory::MemoryCase::from_name(name).ok_or_else(|| WorkerError::NotFound {
+        param: "options".into(),
+        name: name.into(),
+    })
 }

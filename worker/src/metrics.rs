@@ -18,7 +18,7 @@ use crate::error::{Result, WorkerError};
 
 /// Jobs waiting for the model thread (not counting the one it runs).
 pub const QUEUE_DEPTH: &str = "fastfusion_worker_queue_depth";
-/// Images per forward pass of a job.
+/// Images denoised together in one batch (every job in it, each of its n images).
 pub const BATCH_SIZE: &str = "fastfusion_worker_batch_size";
 /// Seconds per denoising step.
 pub const STEP_SECONDS: &str = "fastfusion_worker_step_seconds";
@@ -42,14 +42,22 @@ const JOB_BUCKETS: &[f64] = &[
 /// Installs the Prometheus recorder for this process (once: a second call fails) and describes
 /// every series; the handle renders the scrape text.
 pub fn install_recorder() -> Result<PrometheusHandle> {
-    let handle = PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), BATCH_BUCKETS)
-        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(STEP_SECONDS.into()), STEP_BUCKETS))
-        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(JOB_SECONDS.into()), JOB_BUCKETS))
+    let handle = with_buckets(PrometheusBuilder::new())
         .and_then(|b| b.install_recorder())
         .map_err(|e| WorkerError::Internal(format!("metrics recorder: {e}")))?;
     describe();
     Ok(handle)
+}
+
+/// Adds the worker's histogram buckets to `builder`; the gateway uses it for its recorder, which
+/// an embedded worker reports into.
+pub fn with_buckets(
+    builder: PrometheusBuilder,
+) -> std::result::Result<PrometheusBuilder, metrics_exporter_prometheus::BuildError> {
+    builder
+        .set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), BATCH_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(STEP_SECONDS.into()), STEP_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(JOB_SECONDS.into()), JOB_BUCKETS)
 }
 
 /// [`install_recorder`], then binds the scrape address; the returned future serves the metrics
@@ -87,10 +95,11 @@ async fn serve(listener: tokio::net::TcpListener, handle: PrometheusHandle) {
     }
 }
 
-/// Registers help text and units, so a scrape explains every series.
-fn describe() {
+/// Registers help text and units, so a scrape explains every series (in whichever recorder the
+/// process installed).
+pub fn describe() {
     describe_gauge!(QUEUE_DEPTH, "Jobs waiting for the model thread");
-    describe_histogram!(BATCH_SIZE, "Images generated per job's forward pass");
+    describe_histogram!(BATCH_SIZE, "Images denoised together in one batch");
     describe_histogram!(
         STEP_SECONDS,
         metrics::Unit::Seconds,

@@ -23,6 +23,10 @@
 //!   diffusers requires). Absent, it is `pipeline.default_strength` for image-to-image (edits
 //!   without a mask, variations) and 1.0 for inpainting: diffusers' own default there, which
 //!   repaints the masked area from pure noise, what an OpenAI edit with a mask means.
+//! * `partial_images` (0 to [`MAX_PARTIAL_IMAGES`]) previews per image stream as `partial_image`
+//!   events after evenly spaced steps (`pipelines::stable_diffusion::preview_steps`; never the
+//!   last step, so a request with fewer steps than that gets fewer), encoded like the final
+//!   images.
 //! * A variation's prompt is optional. Without one, the configured vision model
 //!   (`variations_config.vision_model`, when not empty) describes the image; if that fails (a
 //!   warning is logged) or none is configured, [`crate::vision::DEFAULT_VARIATION_PROMPT`] is used.
@@ -43,13 +47,14 @@ use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
+use tracing::Instrument;
 
 use crate::backend::ModelDescription;
 use crate::config::ModelConfig;
 use crate::engine::{Engine, EngineState, JobEvent, JobSpec, JobTask};
 use crate::error::{Result, WorkerError};
 use crate::inputs;
-use crate::pipelines::stable_diffusion::{first_step, TextToImage};
+use crate::pipelines::stable_diffusion::{first_step, TextToImage, MAX_PARTIAL_IMAGES};
 use crate::schedulers::SchedulerKind;
 use crate::vision::{describe_image, VisionSettings, DEFAULT_VARIATION_PROMPT};
 
@@ -155,6 +160,8 @@ impl WorkerService {
             ));
         }
         let scheduler = self.scheduler(&req.scheduler, model)?;
+        // Refused now rather than after queueing (e.g. more steps than the schedule has).
+        self.engine.check_schedule(scheduler, steps)?;
         if !req.loras.is_empty() {
             return Err(WorkerError::invalid(
                 "lora_settings",
@@ -167,6 +174,13 @@ impl WorkerService {
             return Err(WorkerError::invalid(
                 "output_compression",
                 format!("must be between 0 and 100, got {c}"),
+            ));
+        }
+        let partial_images = req.partial_images as usize;
+        if partial_images > MAX_PARTIAL_IMAGES {
+            return Err(WorkerError::invalid(
+                "partial_images",
+                format!("must be between 0 and {MAX_PARTIAL_IMAGES}, got {partial_images}"),
             ));
         }
         let uploads = self.uploads(task, &mut req, steps)?;
@@ -191,6 +205,7 @@ impl WorkerService {
                 task: JobTask::TextToImage,
                 output_format,
                 output_compression: req.output_compression,
+                partial_images,
             },
         })
     }
@@ -401,7 +416,7 @@ impl WorkerService {
                 size_multiple: description.as_ref().map_or(8, |d| d.size_multiple),
                 max_steps: pipeline.max_steps as u32,
                 max_queue: pipeline.max_queue as u32,
-                max_batch: 1,
+                max_batch: pipeline.max_batch as u32,
                 max_prompt_tokens: description.as_ref().map_or(0, |d| d.max_prompt_tokens),
             }),
             load: Some(fastfusion_proto::Load {
@@ -493,10 +508,27 @@ impl Worker for WorkerService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
-        let events = self.admit(request.into_inner()).await.map_err(|e| {
-            crate::metrics::request_rejected(e.kind());
-            Status::from(e)
-        })?;
+        // The job's span, a child of the gateway's request span when the call carries its W3C
+        // trace context (exported spans only; otherwise just log context).
+        let span = tracing::info_span!("generate", request_id = %request.get_ref().request_id);
+        fastfusion_telemetry::set_parent(
+            &span,
+            fastfusion_telemetry::context_from_metadata(request.metadata()),
+        );
+        let events = self
+            .admit(request.into_inner())
+            .instrument(span.clone())
+            .await
+            .map_err(|e| {
+                crate::metrics::request_rejected(e.kind());
+                Status::from(e)
+            })?;
+        // The stream holds the span, so it closes (and is exported) when the job's last event
+        // has gone out or the caller hung up: it covers the whole job, queueing included.
+        let events: EventStream = Box::pin(events.map(move |event| {
+            let _job = &span;
+            event
+        }));
         Ok(Response::new(events))
     }
 }
@@ -543,6 +575,21 @@ impl WorkerService {
                 JobEvent::Progress { step, total } => {
                     generate_event::Event::Progress(Progress { step, total })
                 }
+                JobEvent::PartialImage {
+                    index,
+                    partial_index,
+                    data,
+                    width,
+                    height,
+                } => generate_event::Event::PartialImage(Image {
+                    index,
+                    data,
+                    format: format as i32,
+                    width,
+                    height,
+                    seed,
+                    partial_index,
+                }),
                 JobEvent::Image {
                     index,
                     data,

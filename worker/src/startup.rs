@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::config::ModelConfig;
-use crate::engine::Engine;
+use crate::engine::{Engine, EngineOptions};
 use crate::error::Result;
 use crate::pipelines::stable_diffusion::LoadOptions;
 use crate::{backend, device, hub};
@@ -24,8 +24,21 @@ pub fn resolve(config: &ModelConfig, base_dir: Option<&Path>) -> Result<(PathBuf
     let pipeline = &config.pipeline;
     let dir = hub::resolve_model(&pipeline.hf_model_id, base_dir)?;
     let device = device::select_device(config.device())?;
-    let dtype = device::select_dtype(config.dtype_run(), &device);
-    tracing::info!(model = %pipeline.hf_model_id, dir = %dir.display(), ?device, ?dtype, "loading model");
+    let (precision, notes) =
+        device::select_precision(pipeline.torch_dtype_init, pipeline.torch_dtype_run, &device);
+    for note in notes {
+        tracing::warn!("{note}");
+    }
+    let dtype = precision.run;
+    tracing::info!(
+        model = %pipeline.hf_model_id,
+        dir = %dir.display(),
+        ?device,
+        init_dtype = ?precision.init,
+        ?dtype,
+        cpu_offload = pipeline.enable_cpu_offload,
+        "loading model"
+    );
     if !pipeline.enable_vae_slicing {
         // Batched decoding gave wrong images on the CPU, so the VAE always slices (see vae.rs).
         tracing::info!("the VAE decodes one image at a time whatever enable_vae_slicing says");
@@ -33,6 +46,8 @@ pub fn resolve(config: &ModelConfig, base_dir: Option<&Path>) -> Result<(PathBuf
     let options = LoadOptions {
         device,
         dtype,
+        init_dtype: precision.init,
+        cpu_offload: pipeline.enable_cpu_offload,
         source_name: pipeline.hf_model_id.clone(),
         vae_tiling: pipeline.enable_vae_tiling,
     };
@@ -51,8 +66,11 @@ pub fn load_backend(
 /// Starts an engine whose model thread loads `config`'s model; returns at once.
 pub fn start_engine(config: Arc<ModelConfig>, base_dir: Option<&Path>) -> Engine {
     let base_dir = base_dir.map(Path::to_path_buf);
-    let max_queue = config.pipeline.max_queue;
-    Engine::start(max_queue, move || {
-        load_backend(&config, base_dir.as_deref())
-    })
+    let pipeline = &config.pipeline;
+    let options = EngineOptions {
+        max_queue: pipeline.max_queue,
+        max_batch: pipeline.max_batch,
+        batch_window: std::time::Duration::from_millis(pipeline.batch_window_ms),
+    };
+    Engine::start_with(options, move || load_backend(&config, base_dir.as_deref()))
 }

@@ -3,11 +3,14 @@
 //! and what is left when it ends is cancelled with UNAVAILABLE; the server then stops. The
 //! refusals and cancellations show in the worker's metrics.
 
+mod common;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
+use common::{metric, metrics_text};
 use fastfusion_proto::generate_event::Event;
 use fastfusion_proto::worker_client::WorkerClient;
 use fastfusion_proto::{GenerateRequest, ModelFamily, Task};
@@ -19,35 +22,12 @@ use fastfusion_worker::pipelines::stable_diffusion::{Progress, TextToImage};
 use fastfusion_worker::schedulers::SchedulerKind;
 use fastfusion_worker::service::{self, WorkerService};
 use image::{GrayImage, RgbImage};
-use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
-
-/// The process-wide Prometheus recorder (tests share it, so counts are checked as "at least").
-fn metrics_text() -> String {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| fastfusion_worker::metrics::install_recorder().expect("recorder"))
-        .render()
-}
-
-/// The value of `series` (name with labels, exactly as rendered), 0 when absent.
-fn metric(series: &str) -> f64 {
-    metrics_text()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
-}
 
 /// Sleeps per step; counts the steps it ran.
 struct Slow {

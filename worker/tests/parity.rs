@@ -7,6 +7,9 @@
 //! diverge. Image-to-image and inpainting cases (`task` in the manifest) decode their inputs
 //! through `fastfusion_worker::inputs` as the service does, and inpainting cases with an
 //! OpenAI-style RGBA mask must give the same picture with it as with the grey mask.
+//! Dynamic batching: requests denoised in one batch must give what each gives alone (within
+//! 1/255) and still match diffusers; a cancelled request leaves its batch; previews come after
+//! evenly spaced steps and are real decodes.
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
@@ -17,7 +20,8 @@ use fastfusion_proto::MaskMode;
 use fastfusion_worker::inputs::{load_image, load_mask, MAX_INPUT_PIXELS};
 use fastfusion_worker::models::tokenizer::ClipTokenizer;
 use fastfusion_worker::pipelines::stable_diffusion::{
-    LoadOptions, NoProgress, Progress, StableDiffusion, Stage, TextToImage,
+    preview_steps, BatchEntry, Input, LoadOptions, NoProgress, Progress, StableDiffusion, Stage,
+    TextToImage,
 };
 use fastfusion_worker::rng::TorchRng;
 use fastfusion_worker::schedulers::SchedulerKind;
@@ -121,6 +125,8 @@ fn load_as(model: &str, dtype: DType) -> Result<StableDiffusion, Box<dyn std::er
     let opts = LoadOptions {
         device: Device::Cpu,
         dtype,
+        init_dtype: dtype,
+        cpu_offload: false,
         source_name: model.to_owned(),
         vae_tiling: false,
     };
@@ -524,6 +530,8 @@ fn a_directory_without_a_model_is_a_model_load_error() {
     let opts = LoadOptions {
         device: Device::Cpu,
         dtype: DType::F32,
+        init_dtype: DType::F32,
+        cpu_offload: false,
         source_name: "not-a-model".to_owned(),
         vae_tiling: false,
     };
@@ -540,4 +548,326 @@ fn a_directory_without_a_model_is_a_model_load_error() {
             other.map(|m| m.family())
         ),
     }
+}
+
+/// A case's request and decoded inputs, owned, to build batch entries from.
+struct Prepared {
+    req: TextToImage,
+    task: Option<String>,
+    image: Option<image::RgbImage>,
+    mask: Option<image::GrayImage>,
+    strength: Option<f64>,
+}
+
+impl Case {
+    fn prepare(&self) -> BoxResult<Prepared> {
+        let (w, h) = (self.width as u32, self.height as u32);
+        let image = match &self.image {
+            Some(file) => Some(load_image(&reference_bytes(file)?, w, h, MAX_INPUT_PIXELS)?),
+            None => None,
+        };
+        let mask = match &self.mask {
+            Some(file) => Some(load_mask(
+                &reference_bytes(file)?,
+                MaskMode::Auto,
+                w,
+                h,
+                MAX_INPUT_PIXELS,
+            )?),
+            None => None,
+        };
+        Ok(Prepared {
+            req: self.request()?,
+            task: self.task.clone(),
+            image,
+            mask,
+            strength: self.strength,
+        })
+    }
+}
+
+impl Prepared {
+    fn input(&self) -> BoxResult<Input<'_>> {
+        Ok(
+            match (self.task.as_deref(), &self.image, &self.mask, self.strength) {
+                (None, ..) => Input::Text,
+                (Some("img2img"), Some(image), _, Some(strength)) => {
+                    Input::Image { image, strength }
+                }
+                (Some("inpaint"), Some(image), Some(mask), Some(strength)) => Input::Inpaint {
+                    image,
+                    mask,
+                    strength,
+                },
+                (task, ..) => return Err(format!("incomplete {task:?} case").into()),
+            },
+        )
+    }
+
+    /// The request run alone.
+    fn alone(&self, model: &StableDiffusion) -> BoxResult<Vec<image::RgbImage>> {
+        Ok(match self.input()? {
+            Input::Text => model.text_to_image(&self.req, &mut NoProgress)?,
+            Input::Image { image, strength } => {
+                model.image_to_image(&self.req, image, strength, &mut NoProgress)?
+            }
+            Input::Inpaint {
+                image,
+                mask,
+                strength,
+            } => model.inpaint(&self.req, image, mask, strength, &mut NoProgress)?,
+        })
+    }
+}
+
+type BatchResults = Vec<fastfusion_worker::error::Result<Vec<image::RgbImage>>>;
+
+/// Runs `items` as one batch, each with its observer.
+fn run_together(
+    model: &StableDiffusion,
+    items: &[&Prepared],
+    observers: Vec<&mut dyn Progress>,
+) -> BoxResult<BatchResults> {
+    let mut entries = Vec::new();
+    for (item, progress) in items.iter().zip(observers) {
+        entries.push(BatchEntry {
+            request: &item.req,
+            input: item.input()?,
+            progress,
+        });
+    }
+    Ok(model.generate_batch(&mut entries))
+}
+
+fn case_named<'a>(cases: &'a [Case], name: &str) -> BoxResult<&'a Case> {
+    Ok(cases
+        .iter()
+        .find(|c| c.name == name)
+        .ok_or_else(|| format!("manifest has no {name}"))?)
+}
+
+/// Largest difference a batched image may have from the same request run alone.
+const BATCH_TOLERANCE: u8 = 1;
+
+/// A request of a batch, and the manifest case it is when it is one.
+type Member<'a> = (Prepared, Option<&'a Case>);
+
+/// Runs each group of requests as one batch and checks every image against the request run
+/// alone (within 1/255) and, for manifest cases, against diffusers' reference.
+fn check_batches(groups: &[(&str, Vec<Member<'_>>)]) -> TestResult {
+    let mut failures = Vec::new();
+    for (model_name, group) in groups {
+        let model = load(model_name)?;
+        let items: Vec<&Prepared> = group.iter().map(|(p, _)| p).collect();
+        let mut observers: Vec<NoProgress> = items.iter().map(|_| NoProgress).collect();
+        let results = run_together(
+            &model,
+            &items,
+            observers
+                .iter_mut()
+                .map(|p| p as &mut dyn Progress)
+                .collect(),
+        )?;
+        assert_eq!(results.len(), group.len());
+        for ((item, case), result) in group.iter().zip(results) {
+            let images = result?;
+            let alone = item.alone(&model)?;
+            assert_eq!(images.len(), item.req.n);
+            let label = format!("{model_name} seed {} {:?}", item.req.seed, item.req.prompt);
+            for (i, (image, solo)) in images.iter().zip(&alone).enumerate() {
+                let diff = max_diff(image, solo);
+                eprintln!("{label} image {i}: batched vs alone {diff}/255");
+                if diff > BATCH_TOLERANCE {
+                    failures.push(format!("{label} image {i}: {diff}/255 from alone"));
+                }
+            }
+            for (image, file) in images.iter().zip(case.map_or(&[][..], |c| &c.images[..])) {
+                let reference = image::open(fixtures().join("references").join(file))?.to_rgb8();
+                let diff = max_diff(image, &reference);
+                if diff > TOLERANCE {
+                    failures.push(format!("{label}: {file}: {diff}/255 from diffusers"));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    Ok(())
+}
+
+/// Reference requests (other seeds, a negative prompt, n = 2) denoised in one batch still give
+/// diffusers' images, and every request its solo image; the same for image-to-image and
+/// inpainting batches, and for an ancestral scheduler, whose per-step noise each request draws
+/// from its own generator.
+#[test]
+fn reference_requests_batched_together_match_diffusers() -> TestResult {
+    let cases = manifest()?;
+    let reference = |name: &str| -> BoxResult<Member<'_>> {
+        let case = case_named(&cases, name)?;
+        Ok((case.prepare()?, Some(case)))
+    };
+    // Another request with the same schedule: other seed, prompt and guidance scale.
+    let variant = |name: &str| -> BoxResult<Member<'_>> {
+        let mut prepared = case_named(&cases, name)?.prepare()?;
+        prepared.req.seed = 1234;
+        prepared.req.prompt = "a red house by a lake".into();
+        prepared.req.guidance_scale = 4.0;
+        Ok((prepared, None))
+    };
+    check_batches(&[
+        (
+            "tiny-sd15",
+            vec![
+                reference("sd15_euler_seed7")?,
+                reference("sd15_euler_negative")?,
+                reference("sd15_euler_n2")?,
+            ],
+        ),
+        (
+            "tiny-sd15",
+            vec![
+                reference("sd15_euler_ancestral")?,
+                variant("sd15_euler_ancestral")?,
+            ],
+        ),
+        (
+            "tiny-sd15",
+            vec![
+                reference("img2img_sd15_euler_s075")?,
+                reference("img2img_sd15_euler_s075_n2")?,
+            ],
+        ),
+        (
+            "tiny-sd15",
+            vec![
+                reference("inpaint_sd15_euler_s060")?,
+                variant("inpaint_sd15_euler_s060")?,
+            ],
+        ),
+        (
+            "tiny-sd15-inpaint",
+            vec![
+                variant("inpaint9_euler_s075")?,
+                reference("inpaint9_euler_s075")?,
+            ],
+        ),
+        (
+            "tiny-sd2-v",
+            vec![reference("sd2v_dpmpp_2m")?, variant("sd2v_dpmpp_2m")?],
+        ),
+    ])
+}
+
+#[test]
+fn a_cancelled_request_leaves_its_batch_and_the_others_finish() -> TestResult {
+    let model = load("tiny-sd15")?;
+    let items: Vec<Prepared> = (1..=3)
+        .map(|seed| Prepared {
+            req: TextToImage {
+                steps: 3,
+                ..small_request(seed)
+            },
+            task: None,
+            image: None,
+            mask: None,
+            strength: None,
+        })
+        .collect();
+    let (mut first, mut cancel, mut last) =
+        (AllLatents::default(), CancelAfterFirst(0), NoProgress);
+    let results = run_together(
+        &model,
+        &items.iter().collect::<Vec<_>>(),
+        vec![&mut first, &mut cancel, &mut last],
+    )?;
+    assert_eq!(first.0.len(), 3, "the first request ran every step");
+    assert_eq!(cancel.0, 1, "the cancelled one saw one step");
+    let mut results = results.into_iter();
+    let mut next = || results.next().ok_or("missing result");
+    let a = next()?;
+    assert!(
+        matches!(
+            next()?,
+            Err(fastfusion_worker::error::WorkerError::Cancelled)
+        ),
+        "the middle request is cancelled"
+    );
+    let c = next()?;
+    for (batched, item) in [(a?, &items[0]), (c?, &items[2])] {
+        let alone = item.alone(&model)?;
+        assert!(max_diff(&batched[0], &alone[0]) <= BATCH_TOLERANCE);
+    }
+    Ok(())
+}
+
+/// Keeps the previews it gets, with the step each came after.
+#[derive(Default)]
+struct Previews {
+    wanted: usize,
+    step: usize,
+    got: Vec<(usize, usize, Vec<image::RgbImage>)>,
+}
+
+impl Progress for Previews {
+    fn on_step(&mut self, step: usize, _: usize, _: &Tensor) -> ControlFlow<()> {
+        self.step = step;
+        ControlFlow::Continue(())
+    }
+
+    fn partial_images(&self) -> usize {
+        self.wanted
+    }
+
+    fn on_partial_images(&mut self, index: usize, images: Vec<image::RgbImage>) -> ControlFlow<()> {
+        self.got.push((index, self.step, images));
+        ControlFlow::Continue(())
+    }
+}
+
+#[test]
+fn previews_come_after_evenly_spaced_steps_and_leave_the_images_alone() -> TestResult {
+    let model = load("tiny-sd15")?;
+    let req = TextToImage {
+        n: 2,
+        steps: 8,
+        ..small_request(9)
+    };
+    let plain = model.text_to_image(&req, &mut NoProgress)?;
+    let mut previews = Previews {
+        wanted: 3,
+        ..Previews::default()
+    };
+    let images = model.text_to_image(&req, &mut previews)?;
+    assert_eq!(images, plain, "previews change nothing");
+    let at: Vec<(usize, usize)> = previews.got.iter().map(|(i, s, _)| (*i, *s)).collect();
+    assert_eq!(at, [(0, 2), (1, 4), (2, 6)]);
+    assert_eq!(preview_steps(3, 8), [2, 4, 6]);
+    for (index, _, shots) in &previews.got {
+        assert_eq!(shots.len(), 2, "one preview per image");
+        for (shot, last) in shots.iter().zip(&images) {
+            assert_eq!(shot.dimensions(), (32, 32));
+            assert!(
+                max_diff(shot, last) > 0,
+                "preview {index} is the final image"
+            );
+        }
+    }
+    // The preview after step s is the decode of the latents after step s.
+    let mut steps = AllLatents::default();
+    model.text_to_image(&req, &mut steps)?;
+    assert_eq!(previews.got[1].2, model.decode(&steps.0[3])?);
+    // More previews than a 3-step loop has room for: one after each step but the last.
+    let mut previews = Previews {
+        wanted: 3,
+        ..Previews::default()
+    };
+    model.text_to_image(
+        &TextToImage {
+            steps: 3,
+            ..small_request(9)
+        },
+        &mut previews,
+    )?;
+    let at: Vec<(usize, usize)> = previews.got.iter().map(|(i, s, _)| (*i, *s)).collect();
+    assert_eq!(at, [(0, 1), (1, 2)]);
+    Ok(())
 }

@@ -309,6 +309,7 @@ async fn not_serving_and_unavailable_until_the_model_is_loaded() {
     assert_eq!(info.family, ModelFamily::Sd1 as i32);
     assert_eq!(info.model_id, "scripted");
     assert_eq!(info.max_n, 3);
+    assert_eq!(info.limits.as_ref().map(|l| l.max_batch), Some(4));
     assert_eq!(info.tasks, vec![Task::TextToImage as i32]);
     assert_eq!(
         info.defaults.as_ref().map(|d| d.scheduler.as_str()),
@@ -469,6 +470,14 @@ async fn invalid_requests_name_their_parameter() {
             },
             tonic::Code::InvalidArgument,
             "output_compression",
+        ),
+        (
+            GenerateRequest {
+                partial_images: 4,
+                ..request("x")
+            },
+            tonic::Code::InvalidArgument,
+            "partial_images",
         ),
         (
             GenerateRequest {

@@ -4,6 +4,7 @@
 //! config.rs     serde mirrors of unet/vae/text_encoder config.json → candle configs (or a
 //!               ModelLoad error naming the unsupported key)
 //! weights.rs    safetensors files → candle VarBuilder in the requested dtype
+//! component.rs  a part built once (resident) or on each use (enable_cpu_offload)
 //! clip.rs       the CLIP text transformer (quick_gelu or gelu), our own: candle's lacks gelu
 //! tokenizer.rs  tokenizer.json, or CLIP BPE from vocab.json + merges.txt; bos/eos/pad, truncation
 //! unet.rs       the SD 1.x/2.x UNet: candle's resnets and time embedding, our blocks
@@ -15,6 +16,7 @@
 //! Pipelines put the pieces together.
 
 pub mod clip;
+pub mod component;
 pub mod config;
 pub mod tokenizer;
 pub mod transformer;

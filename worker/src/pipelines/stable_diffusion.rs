@@ -11,26 +11,34 @@
 //! ```
 //!
 //! The three tasks share every piece: [`StableDiffusion::conditioning`], the denoising loop
-//! (`denoise`, driven by a [`Plan`] that says where the loop starts and what it adds to each
-//! step) and [`StableDiffusion::decode`]. `edit.rs` holds what only image-to-image and
-//! inpainting need (input images to tensors, VAE encoding, masks).
+//! (`batch.rs`, driven per request by a [`Plan`] that says where the loop starts and what it
+//! adds to each step; one request alone is a batch of one) and [`StableDiffusion::decode`].
+//! `edit.rs` holds what only image-to-image and inpainting need (input images to tensors, VAE
+//! encoding, masks); `batch.rs` runs several requests through shared UNet passes and decodes
+//! the previews a [`Progress`] asks for.
 //!
-//! The UNet, text encoder and VAE run in the load dtype; latents, guidance and scheduler math stay
-//! in float32. Everything is synchronous: the service calls it on a blocking thread.
+//! The UNet, text encoder and VAE run in the run dtype (`torch_dtype_run`) and are built resident or
+//! offloaded (`enable_cpu_offload`, see `crate::models::component`); latents, guidance and
+//! scheduler math stay in float32. Everything is synchronous: the service calls it on a blocking thread.
 
+mod batch;
 mod edit;
 
+pub use batch::{preview_steps, BatchEntry, Input, MAX_PARTIAL_IMAGES};
 pub use edit::first_step;
 
 use std::ops::ControlFlow;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 
 use super::image::to_rgb_images;
+use crate::device::Precision;
 use crate::error::{Result, WorkerError};
 use crate::models::clip::ClipTextTransformer;
+use crate::models::component::{Component, Offload, WeightFiles};
 use crate::models::config::{
     divides, read_json, ClipActivation, ClipTextConfig, UNetConfigFile, VaeConfigFile,
 };
@@ -38,7 +46,6 @@ use crate::models::tokenizer::ClipTokenizer;
 use crate::models::unet::UNet;
 use crate::models::vae::Vae;
 use crate::models::vae_tiling::TileSizes;
-use crate::models::weights::load_var_builder;
 use crate::rng::TorchRng;
 use crate::schedulers::{Scheduler, SchedulerConfig, SchedulerKind};
 
@@ -46,8 +53,15 @@ use crate::schedulers::{Scheduler, SchedulerConfig, SchedulerKind};
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
     pub device: Device,
-    /// The dtype of the UNet, VAE and text encoder weights and activations.
+    /// The dtype of the UNet, VAE and text encoder weights and activations
+    /// (`torch_dtype_run`).
     pub dtype: DType,
+    /// The dtype weights are converted to as they are read, before `dtype`
+    /// (`torch_dtype_init`; see `crate::device`).
+    pub init_dtype: DType,
+    /// Keep the UNet, VAE and text encoder off the device except while each runs
+    /// (`enable_cpu_offload`; see `crate::models::component`).
+    pub cpu_offload: bool,
     /// The repo id or directory, used only to name the model in errors.
     pub source_name: String,
     /// Encode and decode large pictures tile by tile, with tiles of the VAE config's
@@ -92,6 +106,22 @@ pub trait Progress {
     /// Called when a stage of the request finishes, with its wall time (for the worker's
     /// timings and metrics). Ignored by default.
     fn on_stage(&mut self, _stage: Stage, _took: Duration) {}
+
+    /// Previews of the request's images wanted while it denoises (0 to [`MAX_PARTIAL_IMAGES`];
+    /// more count as the most). None by default.
+    fn partial_images(&self) -> usize {
+        0
+    }
+
+    /// Preview `index` (from 0) of every image of the request, decoded after one of the steps
+    /// [`preview_steps`] picks; `Break` cancels the generation like [`Progress::on_step`].
+    fn on_partial_images(
+        &mut self,
+        _index: usize,
+        _images: Vec<image::RgbImage>,
+    ) -> ControlFlow<()> {
+        ControlFlow::Continue(())
+    }
 }
 
 /// The stages of one request, in order.
@@ -99,9 +129,9 @@ pub trait Progress {
 pub enum Stage {
     /// Tokenizer and text encoder.
     EncodePrompt,
-    /// The whole denoising loop.
+    /// The whole denoising loop (preparing the initial latents included, previews excluded).
     Denoise,
-    /// VAE decode and conversion to 8-bit pixels.
+    /// VAE decode and conversion to 8-bit pixels, of the images and of their previews.
     Decode,
 }
 
@@ -127,12 +157,14 @@ pub struct Conditioning {
 /// A loaded Stable Diffusion 1.x/2.x model.
 #[derive(Debug)]
 pub struct StableDiffusion {
-    unet: UNet,
+    unet: Component<UNet>,
     /// True for inpainting UNets (9 input channels: latents, mask, masked-image latents), which
     /// diffusers drives by concatenation; false for ordinary 4-channel UNets.
     inpaint_unet: bool,
-    vae: Vae,
-    text_encoder: ClipTextTransformer,
+    vae: Component<Vae>,
+    text_encoder: Component<ClipTextTransformer>,
+    /// The slot the three components share when offloaded; emptied after each request.
+    offload: Option<Arc<Offload>>,
     tokenizer: ClipTokenizer,
     scheduler_config: SchedulerConfig,
     family: Family,
@@ -153,6 +185,16 @@ impl StableDiffusion {
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
         let source = opts.source_name.as_str();
         let (device, dtype) = (&opts.device, opts.dtype);
+        let precision = Precision {
+            init: opts.init_dtype,
+            run: dtype,
+        };
+        let offload = opts.cpu_offload.then(Offload::new);
+        let files = |folder: &str, stem| WeightFiles {
+            source_name: source.to_string(),
+            dir: dir.join(folder),
+            stem,
+        };
 
         let te_config_path = dir.join("text_encoder/config.json");
         let te_config: ClipTextConfig = read_json(source, &te_config_path)?;
@@ -166,31 +208,17 @@ impl StableDiffusion {
             &dir.join("tokenizer"),
             te_config.max_position_embeddings,
         )?;
-        let te_dir = dir.join("text_encoder");
-        let te_vb = load_var_builder(source, &te_dir, "model", dtype, device)?;
-        let text_encoder = ClipTextTransformer::new(te_vb, te_config)
-            .map_err(|e| WorkerError::model_load(source, te_dir.join("model.safetensors"), e))?;
+        let text_encoder = Component::load(
+            files("text_encoder", "model"),
+            precision,
+            device,
+            offload.as_ref(),
+            move |vb| ClipTextTransformer::new(vb, te_config.clone()),
+        )?;
 
         let unet_config_path = dir.join("unet/config.json");
         let unet_file: UNetConfigFile = read_json(source, &unet_config_path)?;
         let unet_spec = unet_file.to_candle(source, &unet_config_path)?;
-        let unet_dir = dir.join("unet");
-        let unet_vb =
-            load_var_builder(source, &unet_dir, "diffusion_pytorch_model", dtype, device)?;
-        let unet = UNet::new(
-            unet_vb,
-            unet_spec.in_channels,
-            unet_spec.out_channels,
-            &unet_spec.candle,
-        )
-        .map_err(|e| {
-            WorkerError::model_load(
-                source,
-                unet_dir.join("diffusion_pytorch_model.safetensors"),
-                e,
-            )
-        })?;
-
         let vae_config_path = dir.join("vae/config.json");
         let vae_file: VaeConfigFile = read_json(source, &vae_config_path)?;
         let vae_spec = vae_file.to_candle(source, &vae_config_path)?;
@@ -211,26 +239,37 @@ impl StableDiffusion {
                 ),
             ));
         }
-        let vae_dir = dir.join("vae");
-        let vae_vb = load_var_builder(source, &vae_dir, "diffusion_pytorch_model", dtype, device)?;
-        let mut vae = Vae::new(
-            vae_vb,
-            vae_spec.in_channels,
-            vae_spec.out_channels,
-            &vae_spec.candle,
-        )
-        .map_err(|e| {
-            WorkerError::model_load(
-                source,
-                vae_dir.join("diffusion_pytorch_model.safetensors"),
-                e,
-            )
-        })?;
-        if opts.vae_tiling {
-            let tiles =
+        let tiles = if opts.vae_tiling {
+            let sizes =
                 TileSizes::from_config_file(source, &vae_config_path, vae_spec.scale_factor)?;
-            vae.set_tiling(Some(tiles));
-        }
+            Some(sizes)
+        } else {
+            None
+        };
+        let unet = {
+            let spec = unet_spec.clone();
+            Component::load(
+                files("unet", "diffusion_pytorch_model"),
+                precision,
+                device,
+                offload.as_ref(),
+                move |vb| UNet::new(vb, spec.in_channels, spec.out_channels, &spec.candle),
+            )?
+        };
+        let vae = {
+            let spec = vae_spec.clone();
+            Component::load(
+                files("vae", "diffusion_pytorch_model"),
+                precision,
+                device,
+                offload.as_ref(),
+                move |vb| {
+                    let mut vae = Vae::new(vb, spec.in_channels, spec.out_channels, &spec.candle)?;
+                    vae.set_tiling(tiles);
+                    Ok(vae)
+                },
+            )?
+        };
 
         let scheduler_config =
             SchedulerConfig::from_file(&dir.join("scheduler/scheduler_config.json"))?;
@@ -240,6 +279,7 @@ impl StableDiffusion {
             inpaint_unet,
             vae,
             text_encoder,
+            offload,
             tokenizer,
             scheduler_config,
             family,
@@ -250,6 +290,14 @@ impl StableDiffusion {
             device: device.clone(),
             dtype,
         })
+    }
+
+    /// Lets an offloaded model's last used component go (nothing to do when resident), so
+    /// that an idle worker holds no component on the device.
+    pub fn release_offloaded(&self) {
+        if let Some(offload) = &self.offload {
+            offload.release();
+        }
     }
 
     pub fn family(&self) -> Family {
@@ -296,6 +344,11 @@ impl StableDiffusion {
         self.tokenizer.max_prompt_tokens()
     }
 
+    /// The repo's `scheduler_config.json`, which every scheduler of a request is built from.
+    pub fn scheduler_config(&self) -> &SchedulerConfig {
+        &self.scheduler_config
+    }
+
     /// The text encoder's output for `[negative×n; prompt×n]` when `cfg`, else `prompt×n`.
     pub fn encode_prompt(
         &self,
@@ -309,7 +362,7 @@ impl StableDiffusion {
             .embeds)
     }
 
-    /// The per-request conditioning [`Self::denoise_step`] takes: the embeddings of
+    /// The per-request conditioning the denoising loop takes: the embeddings of
     /// [`Self::encode_prompt`] and the guidance scale, `None` for no classifier-free guidance.
     pub fn conditioning(
         &self,
@@ -329,7 +382,7 @@ impl StableDiffusion {
         }
         let ids = Tensor::from_vec(ids, (texts.len(), len), &self.device)?;
         // One encoder pass for both prompts; each row then repeats for the n images.
-        let encoded = self.text_encoder.forward(&ids)?;
+        let encoded = self.text_encoder.get()?.forward(&ids)?;
         let (rows, seq, dim) = encoded.dims3()?;
         let embeds = encoded
             .unsqueeze(1)?
@@ -338,79 +391,10 @@ impl StableDiffusion {
         Ok(Conditioning { embeds, guidance })
     }
 
-    /// Runs one denoising step: the batched UNet pass, guidance, and the scheduler update.
-    /// `latents` are float32; `extra` (inpainting UNets only) is appended to the UNet input's
-    /// channels, already batched like that input. Returns the next latents.
-    pub fn denoise_step(
-        &self,
-        scheduler: &mut dyn Scheduler,
-        cond: &Conditioning,
-        latents: &Tensor,
-        step_index: usize,
-        extra: Option<&Tensor>,
-        rng: &mut TorchRng,
-    ) -> Result<Tensor> {
-        let timestep = *scheduler.timesteps().get(step_index).ok_or_else(|| {
-            WorkerError::Internal(format!("step {step_index} is past the schedule"))
-        })?;
-        // Scaling depends only on the step, so scale once and then duplicate for guidance.
-        let scaled = scheduler.scale_model_input(latents, step_index)?;
-        let mut input = match cond.guidance {
-            Some(_) => Tensor::cat(&[&scaled, &scaled], 0)?,
-            None => scaled,
-        };
-        if let Some(extra) = extra {
-            input = Tensor::cat(&[&input, extra], 1)?;
-        }
-        let output = self
-            .unet
-            .forward(&input.to_dtype(self.dtype)?, timestep, &cond.embeds)?
-            .to_dtype(DType::F32)?;
-        let noise_pred = match cond.guidance {
-            Some(g) => {
-                let halves = output.chunk(2, 0)?;
-                let (uncond, text) = (&halves[0], &halves[1]);
-                (uncond + ((text - uncond)? * g)?)?
-            }
-            None => output,
-        };
-        Ok(scheduler.step(&noise_pred, step_index, latents, rng)?)
-    }
-
-    /// The denoising loop every task shares: from `plan.start` to the end of the schedule,
-    /// reporting each step to `progress`. Returns the final float32 latents.
-    fn denoise(
-        &self,
-        cond: &Conditioning,
-        mut plan: Plan,
-        mut latents: Tensor,
-        progress: &mut dyn Progress,
-    ) -> Result<Tensor> {
-        let total = plan.scheduler.timesteps().len();
-        let steps = total.saturating_sub(plan.start);
-        for (done, step_index) in (plan.start..total).enumerate() {
-            latents = self.denoise_step(
-                plan.scheduler.as_mut(),
-                cond,
-                &latents,
-                step_index,
-                plan.extra_channels.as_ref(),
-                &mut plan.rng,
-            )?;
-            if let Some(blend) = &plan.blend {
-                latents = blend.apply(plan.scheduler.as_ref(), &latents, step_index + 1)?;
-            }
-            if progress.on_step(done + 1, steps, &latents).is_break() {
-                return Err(WorkerError::Cancelled);
-            }
-        }
-        Ok(latents)
-    }
-
     /// VAE-decodes float32 latents (as the scheduler leaves them) into images.
     pub fn decode(&self, latents: &Tensor) -> Result<Vec<image::RgbImage>> {
         let scaled = (latents / self.vae_scaling_factor)?.to_dtype(self.dtype)?;
-        let images = self.vae.decode(&scaled)?;
+        let images = self.vae.get()?.decode(&scaled)?;
         to_rgb_images(&images)
     }
 
@@ -436,33 +420,6 @@ impl StableDiffusion {
         Ok(())
     }
 
-    /// Runs a whole request: encode the prompt, let `prepare` set up the initial latents and the
-    /// loop (it gets the scheduler and the seeded generator, in diffusers' draw order), denoise,
-    /// decode; reporting each stage's time to `progress`.
-    fn generate(
-        &self,
-        req: &TextToImage,
-        progress: &mut dyn Progress,
-        prepare: impl FnOnce(Box<dyn Scheduler>, TorchRng) -> Result<(Plan, Tensor)>,
-    ) -> Result<Vec<image::RgbImage>> {
-        self.check_request(req)?;
-        let guidance = (req.guidance_scale > 1.0).then_some(req.guidance_scale);
-        let started = Instant::now();
-        let cond = self.conditioning(&req.prompt, &req.negative_prompt, req.n, guidance)?;
-        progress.on_stage(Stage::EncodePrompt, started.elapsed());
-        // The Denoise stage includes preparing the latents (noise, and the VAE encoding of an
-        // input image), which the timings have no separate field for.
-        let started = Instant::now();
-        let scheduler = req.scheduler.build(&self.scheduler_config, req.steps)?;
-        let (plan, latents) = prepare(scheduler, TorchRng::new(req.seed))?;
-        let latents = self.denoise(&cond, plan, latents, progress)?;
-        progress.on_stage(Stage::Denoise, started.elapsed());
-        let started = Instant::now();
-        let images = self.decode(&latents)?;
-        progress.on_stage(Stage::Decode, started.elapsed());
-        Ok(images)
-    }
-
     /// The latent shape of `req`'s batch: (n, channels, height / f, width / f).
     fn latent_shape(&self, req: &TextToImage) -> [usize; 4] {
         let f = self.vae_scale_factor;
@@ -475,16 +432,21 @@ impl StableDiffusion {
         req: &TextToImage,
         progress: &mut dyn Progress,
     ) -> Result<Vec<image::RgbImage>> {
-        if self.inpaint_unet {
-            return Err(WorkerError::TaskDisabled(
-                "text-to-image with an inpainting model".into(),
-            ));
-        }
-        self.generate(req, progress, |scheduler, mut rng| {
-            let noise = rng.randn_tensor(&self.latent_shape(req), &self.device, DType::F32)?;
-            let latents = (noise * scheduler.init_noise_sigma())?;
-            Ok((Plan::new(scheduler, rng), latents))
-        })
+        self.run_one(req, Input::Text, progress)
+    }
+
+    /// Text-to-image's initial latents: the seed's noise scaled to the first step. The
+    /// Denoise stage includes this (and an input image's VAE encoding for the image tasks),
+    /// which the timings have no separate field for.
+    fn prepare_text(
+        &self,
+        req: &TextToImage,
+        scheduler: Box<dyn Scheduler>,
+        mut rng: TorchRng,
+    ) -> Result<(Plan, Tensor)> {
+        let noise = rng.randn_tensor(&self.latent_shape(req), &self.device, DType::F32)?;
+        let latents = (noise * scheduler.init_noise_sigma())?;
+        Ok((Plan::new(scheduler, rng), latents))
     }
 }
 

@@ -23,9 +23,10 @@
 use candle_core::{DType, Device, Tensor};
 use image::{GrayImage, RgbImage};
 
-use super::{Blend, Plan, Progress, StableDiffusion, TextToImage};
+use super::{Blend, Input, Plan, Progress, StableDiffusion, TextToImage};
 use crate::error::{Result, WorkerError};
 use crate::rng::TorchRng;
+use crate::schedulers::Scheduler;
 
 impl StableDiffusion {
     /// Generates `req.n` variations of `image` (already `req.width` × `req.height`), keeping
@@ -38,24 +39,7 @@ impl StableDiffusion {
         strength: f64,
         progress: &mut dyn Progress,
     ) -> Result<Vec<RgbImage>> {
-        if self.inpaint_unet {
-            let everything =
-                GrayImage::from_pixel(image.width(), image.height(), image::Luma([255]));
-            return self.inpaint(req, image, &everything, strength, progress);
-        }
-        check_input(req, image.dimensions(), "image")?;
-        let start = first_step(req.steps, strength)?;
-        self.generate(req, progress, |scheduler, mut rng| {
-            let pixels = pixels_to_tensor(image, &self.device)?;
-            let original = self
-                .encode_image(&pixels, &mut rng)?
-                .repeat((req.n, 1, 1, 1))?;
-            let noise = rng.randn_tensor(&self.latent_shape(req), &self.device, DType::F32)?;
-            let latents = scheduler.add_noise(&original, &noise, start)?;
-            let mut plan = Plan::new(scheduler, rng);
-            plan.start = start;
-            Ok((plan, latents))
-        })
+        self.run_one(req, Input::Image { image, strength }, progress)
     }
 
     /// Repaints the white part of `mask` in `image` (both `req.width` × `req.height`).
@@ -69,67 +53,129 @@ impl StableDiffusion {
         strength: f64,
         progress: &mut dyn Progress,
     ) -> Result<Vec<RgbImage>> {
-        check_input(req, image.dimensions(), "image")?;
-        check_input(req, mask.dimensions(), "mask")?;
+        let input = Input::Inpaint {
+            image,
+            mask,
+            strength,
+        };
+        self.run_one(req, input, progress)
+    }
+
+    /// Checks an image task's inputs against the request before any work is done: sizes, and a
+    /// strength that leaves a step to run.
+    pub(super) fn check_inputs(&self, req: &TextToImage, input: Input<'_>) -> Result<()> {
+        match input {
+            Input::Text => Ok(()),
+            Input::Image { image, strength } => {
+                check_input(req, image.dimensions(), "image")?;
+                first_step(req.steps, strength).map(drop)
+            }
+            Input::Inpaint {
+                image,
+                mask,
+                strength,
+            } => {
+                check_input(req, image.dimensions(), "image")?;
+                check_input(req, mask.dimensions(), "mask")?;
+                first_step(req.steps, strength).map(drop)
+            }
+        }
+    }
+
+    /// Image-to-image's initial latents and loop: the input's latents noised to the first step.
+    pub(super) fn prepare_image_to_image(
+        &self,
+        req: &TextToImage,
+        image: &RgbImage,
+        strength: f64,
+        scheduler: Box<dyn Scheduler>,
+        mut rng: TorchRng,
+    ) -> Result<(Plan, Tensor)> {
+        if self.inpaint_unet {
+            let everything =
+                GrayImage::from_pixel(image.width(), image.height(), image::Luma([255]));
+            return self.prepare_inpaint(req, image, &everything, strength, scheduler, rng);
+        }
+        let start = first_step(req.steps, strength)?;
+        let pixels = pixels_to_tensor(image, &self.device)?;
+        let original = self
+            .encode_image(&pixels, &mut rng)?
+            .repeat((req.n, 1, 1, 1))?;
+        let noise = rng.randn_tensor(&self.latent_shape(req), &self.device, DType::F32)?;
+        let latents = scheduler.add_noise(&original, &noise, start)?;
+        let mut plan = Plan::new(scheduler, rng);
+        plan.start = start;
+        Ok((plan, latents))
+    }
+
+    /// Inpainting's initial latents and loop: the mask (and masked image's latents) for an
+    /// inpainting UNet, the blend with the original for an ordinary one.
+    pub(super) fn prepare_inpaint(
+        &self,
+        req: &TextToImage,
+        image: &RgbImage,
+        mask: &GrayImage,
+        strength: f64,
+        scheduler: Box<dyn Scheduler>,
+        mut rng: TorchRng,
+    ) -> Result<(Plan, Tensor)> {
         let start = first_step(req.steps, strength)?;
         // diffusers compares the float exactly: only 1.0 starts from pure noise.
         let from_noise = strength == 1.0;
-        self.generate(req, progress, |scheduler, mut rng| {
-            let pixels = pixels_to_tensor(image, &self.device)?;
-            let mask = mask_to_tensor(mask, &self.device)?;
-            let original = if !self.inpaint_unet || !from_noise {
-                Some(
-                    self.encode_image(&pixels, &mut rng)?
-                        .repeat((req.n, 1, 1, 1))?,
-                )
+        let pixels = pixels_to_tensor(image, &self.device)?;
+        let mask = mask_to_tensor(mask, &self.device)?;
+        let original = if !self.inpaint_unet || !from_noise {
+            Some(
+                self.encode_image(&pixels, &mut rng)?
+                    .repeat((req.n, 1, 1, 1))?,
+            )
+        } else {
+            None
+        };
+        let shape = self.latent_shape(req);
+        let noise = rng.randn_tensor(&shape, &self.device, DType::F32)?;
+        let latents = match (&original, from_noise) {
+            (Some(original), false) => scheduler.add_noise(original, &noise, start)?,
+            _ => (&noise * scheduler.init_noise_sigma())?,
+        };
+        let latent_mask = self.mask_to_latent_size(&mask)?.repeat((req.n, 1, 1, 1))?;
+        let mut extra_channels = None;
+        if self.inpaint_unet {
+            // Zero (grey) where the model repaints, the picture elsewhere.
+            let kept = pixels.broadcast_mul(&mask.affine(-1.0, 1.0)?)?;
+            let masked = self
+                .encode_image(&kept, &mut rng)?
+                .repeat((req.n, 1, 1, 1))?;
+            let extra = Tensor::cat(&[&latent_mask, &masked], 1)?;
+            extra_channels = Some(if req.guidance_scale > 1.0 {
+                Tensor::cat(&[&extra, &extra], 0)?
             } else {
-                None
-            };
-            let shape = self.latent_shape(req);
-            let noise = rng.randn_tensor(&shape, &self.device, DType::F32)?;
-            let latents = match (&original, from_noise) {
-                (Some(original), false) => scheduler.add_noise(original, &noise, start)?,
-                _ => (&noise * scheduler.init_noise_sigma())?,
-            };
-            let latent_mask = self.mask_to_latent_size(&mask)?.repeat((req.n, 1, 1, 1))?;
-            let mut extra_channels = None;
-            if self.inpaint_unet {
-                // Zero (grey) where the model repaints, the picture elsewhere.
-                let kept = pixels.broadcast_mul(&mask.affine(-1.0, 1.0)?)?;
-                let masked = self
-                    .encode_image(&kept, &mut rng)?
-                    .repeat((req.n, 1, 1, 1))?;
-                let extra = Tensor::cat(&[&latent_mask, &masked], 1)?;
-                extra_channels = Some(if req.guidance_scale > 1.0 {
-                    Tensor::cat(&[&extra, &extra], 0)?
-                } else {
-                    extra
-                });
-            } else {
-                // diffusers samples the masked image's latents here too, then never uses them:
-                // draw the same count so that later draws (ancestral steps) line up.
-                let [_, channels, h, w] = shape;
-                rng.randn(channels * h * w);
-            }
-            let mut plan = Plan::new(scheduler, rng);
-            plan.start = start;
-            plan.extra_channels = extra_channels;
-            plan.blend = match original {
-                Some(original) if !self.inpaint_unet => Some(Blend {
-                    original,
-                    noise,
-                    mask: latent_mask,
-                }),
-                _ => None,
-            };
-            Ok((plan, latents))
-        })
+                extra
+            });
+        } else {
+            // diffusers samples the masked image's latents here too, then never uses them:
+            // draw the same count so that later draws (ancestral steps) line up.
+            let [_, channels, h, w] = shape;
+            rng.randn(channels * h * w);
+        }
+        let mut plan = Plan::new(scheduler, rng);
+        plan.start = start;
+        plan.extra_channels = extra_channels;
+        plan.blend = match original {
+            Some(original) if !self.inpaint_unet => Some(Blend {
+                original,
+                noise,
+                mask: latent_mask,
+            }),
+            _ => None,
+        };
+        Ok((plan, latents))
     }
 
     /// `scaling_factor × latent_dist.sample(rng)` of pixels (1, 3, H, W) in [-1, 1]: float32
     /// latents (1, C, H / f, W / f).
     fn encode_image(&self, pixels: &Tensor, rng: &mut TorchRng) -> Result<Tensor> {
-        let dist = self.vae.encode(&pixels.to_dtype(self.dtype)?)?;
+        let dist = self.vae.get()?.encode(&pixels.to_dtype(self.dtype)?)?;
         Ok((dist.sample(rng)? * self.vae_scaling_factor)?)
     }
 
