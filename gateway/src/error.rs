@@ -13,7 +13,8 @@ use serde::Serialize;
 
 use crate::storage::StorageError;
 
-/// Seconds a client should wait before retrying after a 429 (the worker's queue was full).
+/// Seconds a client should wait before retrying after a 429 (a worker's queue or the gateway's
+/// concurrency limit was full).
 const RETRY_AFTER_BUSY_SECS: u64 = 1;
 /// Seconds a client should wait before retrying after a 503 (a worker is loading or unreachable).
 const RETRY_AFTER_UNAVAILABLE_SECS: u64 = 5;
@@ -46,6 +47,25 @@ pub enum ApiError {
     /// by its Info before the request is sent, or by the worker (FAILED_PRECONDITION).
     #[error("{0}")]
     TaskDisabled(String),
+    /// API keys are configured and the request carries no `Authorization: Bearer` key.
+    #[error(
+        "You didn't provide an API key. Send it in an Authorization header using Bearer auth \
+         (Authorization: Bearer YOUR_KEY)."
+    )]
+    MissingApiKey,
+    /// The request's key is not one of the configured keys.
+    #[error("Incorrect API key provided.")]
+    InvalidApiKey,
+    /// An image download's signature is missing or does not match (urls signed with
+    /// FASTFUSION_URL_SIGNING_KEY).
+    #[error("{0}")]
+    InvalidSignature(String),
+    /// An image download's signed url has expired.
+    #[error("this image url has expired; request the image again for a new url")]
+    UrlExpired,
+    /// The gateway runs FASTFUSION_MAX_CONCURRENT_REQUESTS generation requests already.
+    #[error("this server is busy with its maximum of {0} concurrent requests; retry shortly")]
+    TooManyConcurrentRequests(usize),
     /// The request body is larger than the configured limit.
     #[error("the request body is larger than this server accepts (FASTFUSION_MAX_BODY_BYTES)")]
     PayloadTooLarge,
@@ -130,6 +150,11 @@ impl ApiError {
             ApiError::ImageNotFound(_) => "image_not_found",
             ApiError::ModelNotFound { .. } => "model_not_found",
             ApiError::TaskDisabled(_) => "task_disabled",
+            ApiError::MissingApiKey => "missing_api_key",
+            ApiError::InvalidApiKey => "invalid_api_key",
+            ApiError::InvalidSignature(_) => "invalid_signature",
+            ApiError::UrlExpired => "url_expired",
+            ApiError::TooManyConcurrentRequests(_) => "too_many_concurrent_requests",
             ApiError::PayloadTooLarge => "payload_too_large",
             ApiError::Busy(_) => "busy",
             ApiError::Unavailable(_) => "unavailable",
@@ -149,7 +174,7 @@ impl From<StorageError> for ApiError {
     fn from(error: StorageError) -> Self {
         match error {
             StorageError::InvalidId(id) | StorageError::NotFound(id) => ApiError::ImageNotFound(id),
-            StorageError::Io { .. } => ApiError::Internal(error.to_string()),
+            StorageError::Backend { .. } => ApiError::Internal(error.to_string()),
         }
     }
 }
@@ -194,6 +219,41 @@ impl IntoResponse for ApiError {
             ApiError::TaskDisabled(_) => {
                 (StatusCode::NOT_FOUND, INVALID, None, "task_disabled", None)
             }
+            ApiError::MissingApiKey => (
+                StatusCode::UNAUTHORIZED,
+                INVALID,
+                None,
+                "missing_api_key",
+                None,
+            ),
+            ApiError::InvalidApiKey => (
+                StatusCode::UNAUTHORIZED,
+                INVALID,
+                None,
+                "invalid_api_key",
+                None,
+            ),
+            ApiError::InvalidSignature(_) => (
+                StatusCode::FORBIDDEN,
+                INVALID,
+                Some("sig".to_string()),
+                "invalid_signature",
+                None,
+            ),
+            ApiError::UrlExpired => (
+                StatusCode::FORBIDDEN,
+                INVALID,
+                Some("expires".to_string()),
+                "url_expired",
+                None,
+            ),
+            ApiError::TooManyConcurrentRequests(_) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                None,
+                "rate_limit_exceeded",
+                Some(RETRY_AFTER_BUSY_SECS),
+            ),
             ApiError::PayloadTooLarge => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 INVALID,
@@ -248,6 +308,12 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            // RFC 9110: a 401 names the scheme that would work.
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }
@@ -304,6 +370,39 @@ mod tests {
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(retry.as_deref(), Some("5"));
         assert_eq!(body["error"]["message"], "loading");
+    }
+
+    #[tokio::test]
+    async fn access_errors_map_to_401_403_and_429() {
+        for (error, code) in [
+            (ApiError::MissingApiKey, "missing_api_key"),
+            (ApiError::InvalidApiKey, "invalid_api_key"),
+        ] {
+            let response = error.into_response();
+            assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+            assert_eq!(response.headers()[header::WWW_AUTHENTICATE], "Bearer");
+            let bytes = response
+                .into_body()
+                .collect()
+                .await
+                .expect("body")
+                .to_bytes();
+            let body: serde_json::Value = serde_json::from_slice(&bytes).expect("JSON body");
+            assert_eq!(body["error"]["code"], code);
+            assert_eq!(body["error"]["type"], "invalid_request_error");
+            assert_eq!(body["error"]["param"], serde_json::Value::Null);
+        }
+        let (status, _, body) = parts(ApiError::UrlExpired).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert_eq!(body["error"]["param"], "expires");
+        let (status, _, body) = parts(ApiError::InvalidSignature("bad".into())).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert_eq!(body["error"]["param"], "sig");
+        let (status, retry, body) = parts(ApiError::TooManyConcurrentRequests(4)).await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(retry.as_deref(), Some("1"));
+        let message = body["error"]["message"].as_str().expect("message");
+        assert!(message.contains("4 concurrent"), "{message}");
     }
 
     #[tokio::test]

@@ -11,11 +11,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use clap::Parser;
+use fastfusion_gateway::auth::ApiKeys;
+use fastfusion_gateway::concurrency::ConcurrencyLimit;
 use fastfusion_gateway::config::{Args, Settings};
-use fastfusion_gateway::storage::LocalImageStore;
+use fastfusion_gateway::image_urls::ImageUrls;
+use fastfusion_gateway::storage::{ObjectImageStore, Sweeper};
 use fastfusion_gateway::workers::{GrpcWorkerPool, PoolSettings};
 use fastfusion_gateway::{router, AppState, HttpSettings};
-use tracing_subscriber::EnvFilter;
+use fastfusion_telemetry::TelemetrySettings;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -31,23 +34,49 @@ async fn main() -> ExitCode {
 
 async fn run() -> anyhow::Result<()> {
     let settings = Args::parse().validate()?;
-    // RUST_LOG may add per-crate directives; FASTFUSION_LOGLEVEL sets the default level.
-    tracing_subscriber::fmt()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .with_env_filter(
-            EnvFilter::builder()
-                .with_default_directive(settings.log_level.into())
-                .from_env_lossy(),
-        )
-        .init();
+    // RUST_LOG may add per-crate directives; FASTFUSION_LOGLEVEL sets the default level. Kept
+    // until exit: dropping it flushes the spans still batched for OTLP.
+    let _telemetry = fastfusion_telemetry::init(&TelemetrySettings {
+        service_name: "fastfusion-gateway",
+        level: settings.log_level,
+        format: settings.log_format,
+        stderr: false,
+    })?;
+    fastfusion_gateway::metrics::install()?;
 
-    let images = LocalImageStore::open(&settings.image_data_path)
-        .context("IMAGE_DATA_PATH: cannot use the image directory")?;
+    let images = ObjectImageStore::open(&settings.image_data_path)
+        .await
+        .context("IMAGE_DATA_PATH: cannot use the image store")?;
+    match settings.image_ttl {
+        Some(ttl) => {
+            let sweeper = Sweeper::new(images.clone(), ttl);
+            tokio::spawn(sweeper.run(settings.sweep_interval));
+        }
+        None => tracing::info!("FASTFUSION_IMAGE_TTL_SECS=0: stored images are never deleted"),
+    }
     let (endpoints, embedded) = worker_endpoints(&settings).await?;
-    let workers = GrpcWorkerPool::start(&endpoints, PoolSettings::default())
+    let pool_settings = PoolSettings {
+        dns_refresh_every: settings.dns_refresh,
+        retries: settings.worker_retries,
+        routing: settings.model_routing.clone(),
+        ..PoolSettings::default()
+    };
+    let workers = GrpcWorkerPool::start(&endpoints, pool_settings)
         .context("FASTFUSION_WORKERS: invalid worker endpoint")?;
-    tracing::info!(workers = ?endpoints, images = %settings.image_data_path.display(), "gateway configured");
+    tracing::info!(
+        workers = ?endpoints,
+        images = %settings.image_data_path,
+        api_keys = settings.api_keys.len(),
+        signed_urls = settings.url_signing_key.is_some(),
+        max_concurrent_requests = ?settings.max_concurrent_requests,
+        "gateway configured"
+    );
 
+    let urls = match &settings.url_signing_key {
+        Some(key) => ImageUrls::signed(key.expose().as_bytes(), settings.url_ttl)
+            .context("FASTFUSION_URL_SIGNING_KEY: unusable key")?,
+        None => ImageUrls::unsigned(),
+    };
     let started_at = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -55,6 +84,9 @@ async fn run() -> anyhow::Result<()> {
     let state = AppState {
         workers: Arc::new(workers),
         images: Arc::new(images),
+        api_keys: Arc::new(ApiKeys::new(&settings.api_keys)),
+        urls: Arc::new(urls),
+        concurrency: Arc::new(ConcurrencyLimit::new(settings.max_concurrent_requests)),
         http: Arc::new(HttpSettings {
             base_url: settings.base_url.clone(),
             request_timeout: settings.request_timeout,

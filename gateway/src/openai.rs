@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 ///
 /// `moderation` is accepted for SDK compatibility and ignored: FastFusion runs no content filter.
 /// `style` and `user` are accepted and not used by the diffusion models.
-#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[derive(Debug, Default, Clone, Deserialize, Serialize, utoipa::ToSchema)]
 pub struct ImageGenerationRequest {
     pub prompt: Option<String>,
     pub model: Option<String>,
@@ -29,8 +29,9 @@ pub struct ImageGenerationRequest {
     pub output_compression: Option<u32>,
     pub background: Option<Background>,
     pub moderation: Option<String>,
-    /// Streaming responses come in a later issue; `true` is refused with a 400 naming `stream`.
+    /// `true`: answer with server-sent events ([`ImageStreamEvent`]) instead of one JSON body.
     pub stream: Option<bool>,
+    /// Previews sent before each final image when streaming, 0..=3; ignored without `stream`.
     pub partial_images: Option<u32>,
     // Extensions.
     pub seed: Option<u64>,
@@ -72,7 +73,7 @@ impl ImageGenerationRequest {
 ///
 /// Variations use the same fields: there `prompt` is optional. `input_fidelity` (OpenAI's, for
 /// its own models) and `user` are accepted and not used.
-#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[derive(Debug, Default, Clone, Deserialize, Serialize, utoipa::ToSchema)]
 pub struct ImageEditRequest {
     pub prompt: Option<String>,
     pub model: Option<String>,
@@ -134,14 +135,14 @@ impl ImageEditRequest {
 /// An input image in the JSON form: `{"image_url": "data:image/png;base64,..."}`. OpenAI also
 /// allows `file_id` (its Files API) and http(s) urls; the gateway has no Files API and fetches
 /// nothing remote, so both are refused with a 400 naming them.
-#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[derive(Debug, Default, Clone, Deserialize, Serialize, utoipa::ToSchema)]
 pub struct ImageReference {
     pub image_url: Option<String>,
     pub file_id: Option<String>,
 }
 
 /// One entry of `lora_settings`: a LoRA adapter name from the model config and its weight.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
 pub struct LoraSetting {
     pub name: String,
     #[serde(default = "default_lora_weight")]
@@ -153,7 +154,7 @@ fn default_lora_weight() -> f64 {
 }
 
 /// How images come back: a link to `/v1/images/data/{id}` or the bytes inline as base64.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ResponseFormat {
     #[default]
@@ -162,7 +163,7 @@ pub enum ResponseFormat {
 }
 
 /// The encoding of the returned images.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OutputFormat {
     #[default]
@@ -226,7 +227,7 @@ impl OutputFormat {
 }
 
 /// OpenAI's `background`; diffusion models here paint opaque images only.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Background {
     Transparent,
@@ -235,7 +236,7 @@ pub enum Background {
 }
 
 /// The response of every image endpoint.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
 pub struct ImagesResponse {
     /// Unix seconds.
     pub created: u64,
@@ -248,7 +249,7 @@ pub struct ImagesResponse {
 }
 
 /// One generated image: exactly one of `url` and `b64_json` is set.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
 pub struct ImageData {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
@@ -258,15 +259,83 @@ pub struct ImageData {
     pub seed: u64,
 }
 
+/// One server-sent event of a streamed request (`stream: true`): OpenAI's
+/// `ImageGenPartialImageEvent` / `ImageGenCompletedEvent` and their `image_edit.*` twins, which
+/// the SDKs tell apart by `type`. Images are always inline (`b64_json`), as OpenAI streams them.
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
+pub struct ImageStreamEvent {
+    #[serde(rename = "type")]
+    pub kind: StreamEventType,
+    pub b64_json: String,
+    /// Unix seconds when the event was made.
+    pub created_at: u64,
+    /// `"WIDTHxHEIGHT"` being generated.
+    pub size: String,
+    /// The quality asked for (a preset or OpenAI name), `"auto"` when none was.
+    pub quality: String,
+    pub background: Background,
+    pub output_format: OutputFormat,
+    /// Partial images only: which preview of its image, 0-based.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partial_image_index: Option<u32>,
+    /// Completed events only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<ImageUsage>,
+    /// Extension: the seed that reproduces this image.
+    pub seed: u64,
+}
+
+/// `ImageStreamEvent.type`. Edits and variations both stream `image_edit.*` (OpenAI streams no
+/// variations; an edit of the whole picture is the nearest shape).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema)]
+pub enum StreamEventType {
+    #[serde(rename = "image_generation.partial_image")]
+    GenerationPartialImage,
+    #[serde(rename = "image_generation.completed")]
+    GenerationCompleted,
+    #[serde(rename = "image_edit.partial_image")]
+    EditPartialImage,
+    #[serde(rename = "image_edit.completed")]
+    EditCompleted,
+}
+
+impl StreamEventType {
+    /// The name, also sent as the SSE `event:` field.
+    pub fn name(self) -> &'static str {
+        match self {
+            StreamEventType::GenerationPartialImage => "image_generation.partial_image",
+            StreamEventType::GenerationCompleted => "image_generation.completed",
+            StreamEventType::EditPartialImage => "image_edit.partial_image",
+            StreamEventType::EditCompleted => "image_edit.completed",
+        }
+    }
+}
+
+/// OpenAI's token usage of a completed event. Its SDK types require the field, but diffusion
+/// models are not billed by token, so every count is 0.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema)]
+pub struct ImageUsage {
+    pub input_tokens: u64,
+    pub input_tokens_details: InputTokensDetails,
+    pub output_tokens: u64,
+    pub total_tokens: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema)]
+pub struct InputTokensDetails {
+    pub image_tokens: u64,
+    pub text_tokens: u64,
+}
+
 /// `GET /v1/models`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
 pub struct ModelList {
     /// Always `"list"`.
     pub object: String,
     pub data: Vec<Model>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
 pub struct Model {
     pub id: String,
     /// Always `"model"`.

@@ -20,6 +20,9 @@
 //!   optional (empty: the worker asks its vision model or uses its default). Both: `strength` in
 //!   (0, 1], absent = the model's default. The images themselves were checked by
 //!   [`crate::uploads::inspect`] before they get here.
+//! - `stream: true` answers with server-sent events carrying the images inline, so
+//!   `response_format: url` beside it is a 400. `partial_images` (0..=3, as OpenAI allows) is
+//!   accepted either way but asked of the worker only when streaming: only a stream shows previews.
 
 use fastfusion_proto::{Endpoint, InfoResponse, Limits, Task};
 
@@ -68,6 +71,12 @@ pub struct ValidGeneration {
     pub output_compression: Option<u32>,
     /// Echoed in the response: the quality asked for, or `"auto"`.
     pub quality: String,
+    /// Echoed in streamed events: the background asked for, or `auto`.
+    pub background: Background,
+    /// Answer with server-sent events (`response_format` is then always `b64_json`).
+    pub stream: bool,
+    /// Previews the worker sends per image; 0 unless streaming, since only a stream shows them.
+    pub partial_images: u32,
     /// Image-to-image and inpaint only; `None` = the worker's default.
     pub strength: Option<f32>,
     /// Input images as uploaded, the edited one first; empty for text-to-image.
@@ -108,7 +117,7 @@ impl ValidGeneration {
             mask_mode: fastfusion_proto::MaskMode::Auto as i32,
             output_format: self.output_format.to_proto() as i32,
             output_compression: self.output_compression,
-            partial_images: 0,
+            partial_images: self.partial_images,
         }
     }
 
@@ -334,19 +343,22 @@ fn validate_options(
     info: &InfoResponse,
     auto_size: (u32, u32),
 ) -> Result<ValidGeneration, ApiError> {
-    if options.stream == Some(true) {
+    let stream = options.stream.unwrap_or(false);
+    // OpenAI streams images inline only; a url asked for would silently not come.
+    if stream && options.response_format == Some(ResponseFormat::Url) {
         return Err(ApiError::invalid(
-            "stream",
-            "streaming responses are not supported yet; omit stream or set it to false",
+            "response_format",
+            "streamed images are sent as b64_json; omit response_format or set it to b64_json",
         ));
     }
-    if let Some(partial) = options.partial_images {
-        if partial > MAX_PARTIAL_IMAGES {
-            return Err(ApiError::invalid(
-                "partial_images",
-                format!("partial_images must be between 0 and {MAX_PARTIAL_IMAGES}, got {partial}"),
-            ));
-        }
+    let partial_images = options.partial_images.unwrap_or(0);
+    if partial_images > MAX_PARTIAL_IMAGES {
+        return Err(ApiError::invalid(
+            "partial_images",
+            format!(
+                "partial_images must be between 0 and {MAX_PARTIAL_IMAGES}, got {partial_images}"
+            ),
+        ));
     }
     if options.background == Some(Background::Transparent) {
         return Err(ApiError::invalid(
@@ -406,10 +418,17 @@ fn validate_options(
         guidance_scale,
         scheduler,
         loras,
-        response_format: options.response_format.unwrap_or_default(),
+        response_format: if stream {
+            ResponseFormat::B64Json
+        } else {
+            options.response_format.unwrap_or_default()
+        },
         output_format: options.output_format.unwrap_or_default(),
         output_compression: options.output_compression,
         quality: options.quality.unwrap_or_else(|| "auto".to_string()),
+        background: options.background.unwrap_or(Background::Auto),
+        stream,
+        partial_images: if stream { partial_images } else { 0 },
         strength: None,
         images: Vec::new(),
         mask: None,
@@ -878,9 +897,10 @@ mod tests {
             (
                 ImageGenerationRequest {
                     stream: Some(true),
+                    response_format: Some(ResponseFormat::Url),
                     ..request("x")
                 },
-                "stream",
+                "response_format",
             ),
             (
                 ImageGenerationRequest {
@@ -916,6 +936,41 @@ mod tests {
             ..request("x")
         };
         assert!(validate_generation(ok, &info()).is_ok());
+    }
+
+    #[test]
+    fn streaming_inlines_images_and_asks_for_previews() {
+        let r = ImageGenerationRequest {
+            stream: Some(true),
+            partial_images: Some(3),
+            ..request("x")
+        };
+        let valid = validate_generation(r, &info()).expect("valid");
+        assert!(valid.stream);
+        assert_eq!(valid.response_format, ResponseFormat::B64Json);
+        assert_eq!(valid.to_proto("r").partial_images, 3);
+        assert_eq!(valid.background, Background::Auto);
+        // Without stream the previews are accepted (as OpenAI does) but not asked for.
+        let r = ImageGenerationRequest {
+            partial_images: Some(2),
+            background: Some(Background::Opaque),
+            ..request("x")
+        };
+        let valid = validate_generation(r, &info()).expect("valid");
+        assert!(!valid.stream);
+        assert_eq!(valid.response_format, ResponseFormat::Url);
+        assert_eq!(valid.to_proto("r").partial_images, 0);
+        assert_eq!(valid.background, Background::Opaque);
+        // Edits share the rules.
+        let r = ImageEditRequest {
+            stream: Some(true),
+            partial_images: Some(4),
+            ..edit("x")
+        };
+        assert_eq!(
+            param_of(validate_edit(r, vec![input(8, 8)], None, &info())),
+            "partial_images"
+        );
     }
 
     #[test]

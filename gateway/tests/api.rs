@@ -191,7 +191,7 @@ async fn every_validation_error_is_a_400_naming_its_param() {
             "output_compression",
         ),
         (r#"{"prompt":"x","background":"transparent"}"#, "background"),
-        (r#"{"prompt":"x","stream":true}"#, "stream"),
+        (r#"{"prompt":"x","stream":"yes"}"#, "stream"),
         (r#"{"prompt":"x","style":"gothic"}"#, "style"),
         (r#"{"prompt":["x"]}"#, "prompt"),
     ];

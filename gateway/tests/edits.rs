@@ -347,7 +347,7 @@ async fn every_bad_multipart_input_is_a_400_naming_its_param() {
         ),
         (base().text("background", "transparent"), "background"),
         (base().text("stream", "maybe"), "stream"),
-        (base().text("stream", "true"), "stream"),
+        (base().text("partial_images", "4"), "partial_images"),
     ];
     let seventeen = (0..17).fold(Form::new().text("prompt", "x"), |form, _| {
         form.file("image[]", &image)

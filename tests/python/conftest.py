@@ -135,6 +135,16 @@ def gateway(tmp_path_factory):
         FASTFUSION_LOGLEVEL="info",
         NO_COLOR="1",
     )
+    gw = start_gateway(env)
+    try:
+        yield gw
+    finally:
+        stop_gateway(gw.process)
+
+
+def start_gateway(env, wait_ready=True):
+    """Starts the gateway binary with ``env``, reads its address from the log and, with
+    ``wait_ready``, polls ``/ready`` until a worker has loaded its model."""
     process = subprocess.Popen(
         [str(_binary())],
         env=env,
@@ -145,30 +155,34 @@ def gateway(tmp_path_factory):
     lines, found = [], queue.Queue()
     threading.Thread(target=_pump, args=(process.stdout, lines, found), daemon=True).start()
     try:
+        address = found.get(timeout=START_TIMEOUT_S)
+    except queue.Empty:
+        stop_gateway(process)
+        pytest.fail("gateway printed no 'listening on' line:\n" + "\n".join(lines))
+    gw = Gateway(process, f"http://{address}", lines)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while wait_ready:
         try:
-            address = found.get(timeout=START_TIMEOUT_S)
-        except queue.Empty:
-            pytest.fail("gateway printed no 'listening on' line:\n" + "\n".join(lines))
-        gw = Gateway(process, f"http://{address}", lines)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            try:
-                with urllib.request.urlopen(f"{gw.base_url}/ready", timeout=5) as reply:
-                    if reply.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("gateway never became ready:\n" + gw.output())
-            time.sleep(0.2)
-        yield gw
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            with urllib.request.urlopen(f"{gw.base_url}/ready", timeout=5) as reply:
+                if reply.status == 200:
+                    break
+        except (urllib.error.URLError, OSError):
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_gateway(process)
+            pytest.fail("gateway never became ready:\n" + gw.output())
+        time.sleep(0.2)
+    return gw
+
+
+def stop_gateway(process):
+    """SIGTERM, then SIGKILL after 20 s."""
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 @pytest.fixture(scope="session")

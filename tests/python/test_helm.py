@@ -377,6 +377,50 @@ def test_api_keys_from_values_become_a_secret():
     }
 
 
+def test_url_signing_ttl_and_concurrency_reach_the_gateway():
+    objects = render(
+        {
+            "urlSigning": {"key": "0123456789abcdef-signing", "ttlSecs": 600},
+            "storage": {"imageTtlSecs": 7200},
+            "gateway": {"maxConcurrentRequests": 32},
+        }
+    )
+    for obj in objects:
+        kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+    (secret,) = of_kind(objects, "Secret")
+    assert secret["stringData"] == {"url-signing-key": "0123456789abcdef-signing"}
+    env = env_of(gateway(objects)["spec"]["template"]["spec"]["containers"][0])
+    assert env["FASTFUSION_URL_SIGNING_KEY"] == {
+        "secretKeyRef": {"name": secret["metadata"]["name"], "key": "url-signing-key"}
+    }
+    assert env["FASTFUSION_URL_TTL_SECS"] == "600"
+    assert env["FASTFUSION_IMAGE_TTL_SECS"] == "7200"
+    assert env["FASTFUSION_MAX_CONCURRENT_REQUESTS"] == "32"
+    # Without a key urls are plain: no Secret, no variable.
+    plain = env_of(gateway(render({}))["spec"]["template"]["spec"]["containers"][0])
+    assert "FASTFUSION_URL_SIGNING_KEY" not in plain
+    assert plain["FASTFUSION_IMAGE_TTL_SECS"] == "3600"
+    # A key too short to be a secret is refused by the schema, naming it.
+    with pytest.raises(helm.HelmError, match="key"):
+        render({"urlSigning": {"key": "short"}})
+
+
+def test_json_logs_and_traces_for_every_pod():
+    objects = render({"observability": {"logFormat": "json", "otlpEndpoint": "http://otel:4318"}})
+    for obj in objects:
+        kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+    for deployment in of_kind(objects, "Deployment"):
+        env = env_of(deployment["spec"]["template"]["spec"]["containers"][0])
+        assert env["FASTFUSION_LOGFORMAT"] == "json"
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel:4318"
+        assert env["OTEL_SERVICE_NAME"].startswith("fastfusion-")
+    plain = env_of(gateway(render({}))["spec"]["template"]["spec"]["containers"][0])
+    assert plain["FASTFUSION_LOGFORMAT"] == "text"
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in plain
+    with pytest.raises(helm.HelmError, match="logFormat"):
+        render({"observability": {"logFormat": "xml"}})
+
+
 def test_shared_pvc_storage(ci_objects):
     pod = gateway(ci_objects)["spec"]["template"]["spec"]
     claim = named(ci_objects, "PersistentVolumeClaim", f"{RELEASE}-fastfusion-images")
@@ -522,6 +566,25 @@ def test_dockerignore_keeps_what_the_builds_copy():
                     covered = (source.rstrip("/") == a or source.startswith(a + "/") for a in allowed)
                     assert any(covered), (dockerfile, source)
                     assert (ROOT / source.split("*")[0].rstrip("/")).exists(), source
+
+
+def test_dockerfiles_copy_every_workspace_member():
+    # cargo refuses to load a workspace with a member missing, so a crate added to the workspace
+    # but not to a build stage breaks every image.
+    import tomllib
+
+    members = tomllib.loads((ROOT / "Cargo.toml").read_text())["workspace"]["members"]
+    for dockerfile in ("Dockerfile.gateway", "Dockerfile.worker", "Dockerfile.worker-cuda"):
+        stages = (ROOT / "deploy" / dockerfile).read_text().split("cargo chef prepare")
+        for stage in (stages[0], stages[1]):
+            copied = {
+                source.rstrip("/")
+                for line in stage.splitlines()
+                if line.startswith("COPY ") and "--from=" not in line
+                for source in line.split()[1:-1]
+            }
+            for member in members:
+                assert member in copied or f"{member}/Cargo.toml" in copied, (dockerfile, member)
 
 
 def test_compose_runs_gateway_and_worker_with_a_shared_volume():

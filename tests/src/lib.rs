@@ -99,16 +99,14 @@ impl Process {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         // A stray variable from the developer's shell must not change what the test starts.
-        for var in [
-            "FASTFUSION_WORKERS",
-            "BASE_URL",
-            "CONFIG_PATH",
-            "IMAGE_DATA_PATH",
-            "FASTFUSION_PORT",
-            "FASTFUSION_HOST",
-            "FASTFUSION_API_KEYS",
-        ] {
-            command.env_remove(var);
+        for (var, _) in std::env::vars_os() {
+            let name = var.to_string_lossy();
+            let ours = ["FASTFUSION_", "OTEL_", "AWS_", "HF_"]
+                .iter()
+                .any(|prefix| name.starts_with(prefix));
+            if ours || ["BASE_URL", "CONFIG_PATH", "IMAGE_DATA_PATH"].contains(&name.as_ref()) {
+                command.env_remove(&var);
+            }
         }
         command
             .env("FASTFUSION_LOGLEVEL", "info")
@@ -184,7 +182,11 @@ impl Process {
     pub fn wait_listening(&mut self, timeout: Duration) -> Result<String> {
         let rest = self.wait_for("listening on ", timeout)?;
         let addr = rest.trim_start_matches("http://");
-        let addr = addr.split_whitespace().next().unwrap_or(addr);
+        // Text logs end the address at a space, JSON logs at the closing quote.
+        let addr = addr
+            .split(|c: char| c.is_whitespace() || c == '"')
+            .next()
+            .unwrap_or(addr);
         Ok(addr.trim_end_matches(['"', '\'', ',', '}']).to_string())
     }
 
@@ -199,6 +201,11 @@ impl Process {
     /// Whether the process has exited, and how.
     pub fn try_wait(&mut self) -> Result<Option<std::process::ExitStatus>> {
         Ok(self.child.try_wait()?)
+    }
+
+    /// The OS process id, e.g. to send it a signal with `kill`.
+    pub fn id(&self) -> u32 {
+        self.child.id()
     }
 
     /// Sends SIGTERM-equivalent (kill) and waits.

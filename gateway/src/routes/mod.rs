@@ -6,6 +6,7 @@
 //! edits.rs        POST /v1/images/edits         multipart or JSON → inspect uploads → validate → run
 //! variations.rs   POST /v1/images/variations    multipart → inspect upload → validate → run
 //! run.rs          shared: endpoint switch, upload inspection, worker stream → store or inline
+//! stream.rs       `stream: true`: worker stream → server-sent events
 //! images.rs       GET  /v1/images/data/{id}     stored images for response_format=url
 //! models.rs       GET  /v1/models               OpenAI's model list
 //! probes.rs       GET  /health, /ready          liveness and worker readiness
@@ -18,6 +19,7 @@ pub mod images;
 pub mod models;
 pub mod probes;
 pub mod run;
+pub mod stream;
 pub mod variations;
 
 use axum::http::{Method, Uri};

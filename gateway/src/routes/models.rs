@@ -6,6 +6,17 @@ use axum::Json;
 use crate::app::AppState;
 use crate::openai::{Model, ModelList};
 
+#[utoipa::path(
+    get,
+    path = "/v1/models",
+    tag = "models",
+    responses(
+        (status = 200, description = "The served models", body = crate::openai::ModelList),
+        (status = 401, description = "API key missing", body = crate::openapi::ErrorResponse),
+        (status = 403, description = "API key not valid", body = crate::openapi::ErrorResponse),
+    ),
+    security((), ("api_key" = [])),
+)]
 pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
     let data = state
         .workers

@@ -8,10 +8,25 @@ use serde_json::{json, Value};
 use crate::app::AppState;
 use crate::error::ApiError;
 
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "probes",
+    responses((status = 200, description = "The process answers", body = crate::openapi::ProbeStatus)),
+)]
 pub async fn health() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/ready",
+    tag = "probes",
+    responses(
+        (status = 200, description = "A worker for the default model is serving", body = crate::openapi::ProbeStatus),
+        (status = 503, description = "No worker for the default model is serving yet", body = crate::openapi::ErrorResponse),
+    ),
+)]
 pub async fn ready(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     if state.workers.ready().await {
         Ok(Json(json!({ "status": "ready" })))

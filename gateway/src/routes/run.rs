@@ -2,13 +2,16 @@
 //! call and answer in OpenAI's shape. Also the pre-body endpoint check and the image inspection
 //! that edits and variations share.
 //!
-//! The stream's `Image` events are collected (queued/progress events are logged) under the
-//! request timeout; dropping the stream on timeout or client disconnect cancels the call on the
-//! worker. Each image is then stored (`url`) or base64-inlined (`b64_json`).
+//! Without `stream`, the stream's `Image` events are collected (queued/progress events are
+//! logged) under the request timeout; dropping the stream on timeout or client disconnect (hyper
+//! drops the handler) cancels the call on the worker. Each image is then stored (`url`) or
+//! base64-inlined (`b64_json`). With `stream: true` the events are relayed as server-sent events
+//! instead ([`crate::routes::stream`]).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::http::{HeaderMap, Uri};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine;
 use bytes::Bytes;
@@ -20,6 +23,7 @@ use crate::app::AppState;
 use crate::error::ApiError;
 use crate::openai::{ImageData, ImagesResponse, OutputFormat, ResponseFormat};
 use crate::public_url::public_base_url;
+use crate::routes::stream;
 use crate::uploads::{inspect, InputImage, Upload};
 use crate::validation::{endpoint_disabled, ValidGeneration};
 use crate::workers::EventStream;
@@ -71,8 +75,25 @@ pub async fn inspect_uploads(
     .map_err(|error| ApiError::Internal(format!("image inspection task failed: {error}")))?
 }
 
-/// Runs `valid` on a worker serving `info`'s model and builds the response.
+/// Runs `valid` on a worker serving `info`'s model: as server-sent events when it asks to be
+/// streamed, else as one JSON body.
 pub async fn generate(
+    state: &AppState,
+    headers: &HeaderMap,
+    uri: &Uri,
+    info: &InfoResponse,
+    valid: ValidGeneration,
+) -> Result<Response, ApiError> {
+    if valid.stream {
+        return stream::respond(state, &request_id(headers), &info.model_id, valid).await;
+    }
+    generate_json(state, headers, uri, info, valid)
+        .await
+        .map(IntoResponse::into_response)
+}
+
+/// Runs `valid` to the end and answers with every image at once.
+async fn generate_json(
     state: &AppState,
     headers: &HeaderMap,
     uri: &Uri,
@@ -83,7 +104,7 @@ pub async fn generate(
     let proto = valid.to_proto(&request_id(headers));
     let images = tokio::time::timeout(timeout, async {
         let stream = state.workers.generate(&info.model_id, proto).await?;
-        collect_images(stream, valid.n).await
+        collect_images(stream, valid.n, &info.model_id).await
     })
     .await
     .map_err(|_| ApiError::Timeout(timeout.as_secs()))??;
@@ -100,7 +121,7 @@ pub async fn generate(
             ResponseFormat::Url => {
                 let id = state.images.put(Bytes::from(image.data), format).await?;
                 ImageData {
-                    url: Some(format!("{base_url}/v1/images/data/{id}")),
+                    url: Some(state.urls.image_url(&base_url, &id)),
                     b64_json: None,
                     seed: image.seed,
                 }
@@ -126,6 +147,7 @@ pub async fn generate(
 async fn collect_images(
     mut stream: EventStream,
     n: u32,
+    model: &str,
 ) -> Result<Vec<fastfusion_proto::Image>, ApiError> {
     let mut images = Vec::with_capacity(n as usize);
     while let Some(event) = stream.next().await {
@@ -140,10 +162,11 @@ async fn collect_images(
             Some(Event::Progress(progress)) => {
                 tracing::trace!(step = progress.step, total = progress.total, "progress")
             }
-            // Previews are only useful when streaming, which these endpoints do not do yet.
+            // Never asked for without `stream` (see `ValidGeneration::partial_images`).
             Some(Event::PartialImage(_)) | None => {}
             Some(Event::Image(image)) => images.push(image),
             Some(Event::Done(done)) => {
+                crate::metrics::generation_done(model, images.len(), done.timings.as_ref());
                 if let Some(t) = done.timings {
                     tracing::info!(
                         queue_ms = t.queue_ms,
@@ -166,7 +189,8 @@ async fn collect_images(
     Ok(images)
 }
 
-fn unix_now() -> u64 {
+/// Unix seconds now, as OpenAI's `created` fields count.
+pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())

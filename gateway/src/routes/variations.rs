@@ -6,22 +6,39 @@
 
 use axum::extract::{FromRequest, Request, State};
 use axum::http::{HeaderMap, Uri};
-use axum::Json;
+use axum::response::Response;
 use fastfusion_proto::Endpoint;
 
 use crate::app::AppState;
 use crate::error::ApiError;
 use crate::form::ImageForm;
-use crate::openai::ImagesResponse;
 use crate::routes::run;
 use crate::validation::validate_variation;
 
+#[utoipa::path(
+    post,
+    path = "/v1/images/variations",
+    tag = "images",
+    request_body(content(
+        (crate::openapi::ImageVariationForm = "multipart/form-data"),
+        (crate::openai::ImageEditRequest = "application/json"),
+    )),
+    responses(
+        (status = 200, description = "The variations; with `stream: true`, server-sent events instead",
+            content(
+                (crate::openai::ImagesResponse = "application/json"),
+                (crate::openai::ImageStreamEvent = "text/event-stream"),
+            )),
+        crate::openapi::GenerationErrors,
+    ),
+    security((), ("api_key" = [])),
+)]
 pub async fn create_variation(
     State(state): State<AppState>,
     headers: HeaderMap,
     uri: Uri,
     request: Request,
-) -> Result<Json<ImagesResponse>, ApiError> {
+) -> Result<Response, ApiError> {
     run::ensure_endpoint_served(&state, Endpoint::Variations).await?;
     let ImageForm {
         request: fields,

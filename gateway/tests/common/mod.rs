@@ -5,13 +5,17 @@
 #![allow(dead_code)]
 
 use std::io::Cursor;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, Request, StatusCode};
+use fastfusion_gateway::auth::ApiKeys;
+use fastfusion_gateway::concurrency::ConcurrencyLimit;
+use fastfusion_gateway::image_urls::ImageUrls;
 use fastfusion_gateway::openai::OutputFormat;
-use fastfusion_gateway::storage::LocalImageStore;
+use fastfusion_gateway::storage::{ImageStore, ObjectImageStore};
 use fastfusion_gateway::workers::{resolve_model, EventStream, WorkerPool};
 use fastfusion_gateway::{router, ApiError, AppState, HttpSettings};
 use fastfusion_proto::generate_event::Event;
@@ -19,6 +23,7 @@ use fastfusion_proto::{
     Defaults, Done, Endpoint, GenerateEvent, GenerateRequest, Image, InfoResponse, Limits, Preset,
     Progress, Started, Task, Timings,
 };
+use futures::StreamExt;
 use http_body_util::BodyExt;
 use tower::ServiceExt;
 
@@ -38,6 +43,10 @@ pub enum Behaviour {
     Hang,
     /// Images, but one fewer than asked.
     ShortChange,
+    /// Queued and started, then nothing more: a job still denoising.
+    Stall,
+    /// Queued and started, then the stream fails with this status.
+    FailMidStream(tonic::Status),
 }
 
 pub struct FakePool {
@@ -46,6 +55,17 @@ pub struct FakePool {
     pub behaviour: Behaviour,
     /// Every request `generate` received, in order.
     pub seen: Mutex<Vec<GenerateRequest>>,
+    /// How many of the streams `generate` returned have been dropped (the gRPC call cancelled).
+    pub dropped: Arc<AtomicUsize>,
+}
+
+/// Counts a stream as dropped when it goes away.
+struct DropGuard(Arc<AtomicUsize>);
+
+impl Drop for DropGuard {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 impl FakePool {
@@ -55,6 +75,7 @@ impl FakePool {
             ready: true,
             behaviour,
             seen: Mutex::new(Vec::new()),
+            dropped: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -128,6 +149,18 @@ fn event(event: Event) -> Result<GenerateEvent, ApiError> {
     Ok(GenerateEvent { event: Some(event) })
 }
 
+/// `events`, counted in `FakePool::dropped` when dropped.
+fn guarded(
+    events: impl futures::Stream<Item = Result<GenerateEvent, ApiError>> + Send + 'static,
+    guard: DropGuard,
+) -> EventStream {
+    Box::pin(events.map(move |event| {
+        // The closure owns the guard, so it lives exactly as long as the stream.
+        let _owned = &guard;
+        event
+    }))
+}
+
 #[async_trait::async_trait]
 impl WorkerPool for FakePool {
     fn models(&self) -> Vec<String> {
@@ -149,13 +182,8 @@ impl WorkerPool for FakePool {
             .map(OutputFormat::from_proto)
             .expect("known format");
         let seed = request.seed.unwrap_or(RANDOM_SEED);
-        let count = match self.behaviour {
-            Behaviour::Fail(ref status) => return Err(ApiError::from(status.clone())),
-            Behaviour::Hang => return Ok(Box::pin(futures::stream::pending())),
-            Behaviour::Succeed => request.n,
-            Behaviour::ShortChange => request.n - 1,
-        };
-        let mut events = vec![
+        let guard = DropGuard(Arc::clone(&self.dropped));
+        let start = vec![
             event(Event::Queued(Default::default())),
             event(Event::Started(Started {
                 seed,
@@ -164,8 +192,38 @@ impl WorkerPool for FakePool {
                 guidance_scale: request.guidance_scale.unwrap_or(7.5),
                 scheduler: "pndm".into(),
             })),
-            event(Event::Progress(Progress { step: 1, total: 1 })),
         ];
+        let count = match self.behaviour {
+            Behaviour::Fail(ref status) => return Err(ApiError::from(status.clone())),
+            Behaviour::Hang => return Ok(guarded(futures::stream::pending(), guard)),
+            Behaviour::Stall => {
+                let events = futures::stream::iter(start).chain(futures::stream::pending());
+                return Ok(guarded(events, guard));
+            }
+            Behaviour::FailMidStream(ref status) => {
+                let mut events = start;
+                events.push(Err(ApiError::from(status.clone())));
+                return Ok(guarded(futures::stream::iter(events), guard));
+            }
+            Behaviour::Succeed => request.n,
+            Behaviour::ShortChange => request.n - 1,
+        };
+        let mut events = start;
+        events.push(event(Event::Progress(Progress { step: 1, total: 1 })));
+        // Previews as the worker sends them: every image's, in order, before the final images.
+        for partial_index in 0..request.partial_images {
+            for index in 0..count {
+                events.push(event(Event::PartialImage(Image {
+                    index,
+                    data: encode_image(index + 10 * (partial_index + 1), format),
+                    format: format.to_proto() as i32,
+                    width: IMAGE_SIDE,
+                    height: IMAGE_SIDE,
+                    seed,
+                    partial_index,
+                })));
+            }
+        }
         // Images arrive out of order: the gateway must sort them by index.
         for index in (0..count).rev() {
             events.push(event(Event::Image(Image {
@@ -181,7 +239,7 @@ impl WorkerPool for FakePool {
         events.push(event(Event::Done(Done {
             timings: Some(Timings::default()),
         })));
-        Ok(Box::pin(futures::stream::iter(events)))
+        Ok(guarded(futures::stream::iter(events), guard))
     }
 
     async fn ready(&self) -> bool {
@@ -192,10 +250,41 @@ impl WorkerPool for FakePool {
 /// A router over `pool` and a fresh image directory (kept alive by the returned guard).
 pub fn app_with(pool: Arc<FakePool>, base_url: Option<&str>, max_body_bytes: usize) -> TestApp {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = LocalImageStore::open(dir.path()).expect("store");
+    let store = ObjectImageStore::directory(dir.path()).expect("store");
+    app_with_state(
+        pool,
+        base_url,
+        max_body_bytes,
+        Access::default(),
+        Arc::new(store),
+        dir,
+    )
+}
+
+/// Keys, url signing and concurrency limit for [`app_with_state`]; the default is the open,
+/// unsigned, unlimited gateway the other tests use.
+#[derive(Default)]
+pub struct Access {
+    pub api_keys: ApiKeys,
+    pub urls: ImageUrls,
+    pub concurrency: ConcurrencyLimit,
+}
+
+/// A router over `pool` and `images`, with `access`; `dir` is kept alive with the app.
+pub fn app_with_state(
+    pool: Arc<FakePool>,
+    base_url: Option<&str>,
+    max_body_bytes: usize,
+    access: Access,
+    images: Arc<dyn ImageStore>,
+    dir: tempfile::TempDir,
+) -> TestApp {
     let state = AppState {
         workers: pool.clone(),
-        images: Arc::new(store),
+        images,
+        api_keys: Arc::new(access.api_keys),
+        urls: Arc::new(access.urls),
+        concurrency: Arc::new(access.concurrency),
         http: Arc::new(HttpSettings {
             base_url: base_url.map(str::to_string),
             request_timeout: Duration::from_millis(300),
