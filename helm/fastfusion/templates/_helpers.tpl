@@ -109,6 +109,11 @@ resolves each name to the ready pods behind it.
 {{- default (printf "%s-api-keys" (include "fastfusion.fullname" .)) .Values.apiKeys.existingSecret }}
 {{- end }}
 
+{{/* The Secret holding the url signing key. */}}
+{{- define "fastfusion.urlSigningSecret" -}}
+{{- default (printf "%s-url-signing" (include "fastfusion.fullname" .)) .Values.urlSigning.existingSecret }}
+{{- end }}
+
 {{/* The Secret holding the S3 credentials. */}}
 {{- define "fastfusion.s3Secret" -}}
 {{- default (printf "%s-s3" (include "fastfusion.fullname" .)) .Values.storage.s3.existingSecret }}
