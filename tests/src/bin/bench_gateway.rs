@@ -187,7 +187,14 @@ async fn start_stub_worker(png: Vec<u8>) -> Result<SocketAddr> {
         tonic::transport::Server::builder()
             .add_service(health)
             .add_service(service)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            .serve_with_incoming(
+                // Nagle off, as the real worker does: it would add the client's delayed ACK.
+                tokio_stream::wrappers::TcpListenerStream::new(listener).map(|accepted| {
+                    let stream = accepted?;
+                    stream.set_nodelay(true)?;
+                    Ok::<_, std::io::Error>(stream)
+                }),
+            ),
     );
     Ok(addr)
 }
