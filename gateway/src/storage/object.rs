@@ -93,6 +93,8 @@ pub struct ObjectImageStore {
     pub(super) prefix: Path,
     /// IMAGE_DATA_PATH as configured, for error messages.
     location: Arc<str>,
+    /// The directory of a local store: its new images are fsynced before `put` returns.
+    local_dir: Option<Arc<PathBuf>>,
 }
 
 impl ObjectImageStore {
@@ -101,6 +103,7 @@ impl ObjectImageStore {
             store,
             prefix,
             location: location.into(),
+            local_dir: None,
         }
     }
 
@@ -125,7 +128,10 @@ impl ObjectImageStore {
         };
         std::fs::create_dir_all(&dir).map_err(|e| fail(Box::new(e)))?;
         let store = LocalFileSystem::new_with_prefix(&dir).map_err(|e| fail(Box::new(e)))?;
-        Ok(Self::new(Arc::new(store), Path::default(), location))
+        Ok(ObjectImageStore {
+            local_dir: Some(Arc::new(dir)),
+            ..Self::new(Arc::new(store), Path::default(), location)
+        })
     }
 
     fn s3(bucket: &str, prefix: &str, location: &StorageLocation) -> Result<Self, StorageError> {
@@ -187,6 +193,28 @@ impl ImageStore for ObjectImageStore {
             .put(&self.path(&id), PutPayload::from(bytes))
             .await
             .map_err(|e| self.backend(e))?;
+        if let Some(dir) = &self.local_dir {
+            // LocalFileSystem renames its staging file into place without fsyncing: flush the
+            // file and the directory entry before the url is handed out, so an image a client was
+            // told about survives a power loss (S3 acknowledges a PUT only once it is durable).
+            let (dir, name) = (Arc::clone(dir), id.clone());
+            let synced = tokio::task::spawn_blocking(move || {
+                std::fs::File::open(dir.join(&name))?.sync_all()?;
+                std::fs::File::open(dir.as_path())?.sync_all()
+            })
+            .await;
+            let failed = match synced {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e),
+                Err(e) => Some(std::io::Error::other(e)),
+            };
+            if let Some(cause) = failed {
+                return Err(StorageError::Backend {
+                    location: self.location.to_string(),
+                    cause: Box::new(cause),
+                });
+            }
+        }
         Ok(id)
     }
 
