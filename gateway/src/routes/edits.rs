@@ -1,18 +1,17 @@
 //! `POST /v1/images/edits`: repaint an uploaded image from a prompt, inside a mask (task INPAINT)
 //! or over the whole picture without one (task IMAGE_TO_IMAGE).
 //!
-//! The endpoint switch is checked before the body is read; then the form (multipart or JSON,
-//! [`ImageForm`]) is parsed, the model resolved, the uploads inspected off the runtime, the whole
-//! request validated and run by [`run::generate`] (`stream`: `image_edit.*` server-sent events).
+//! [`run::image_task`] checks the endpoint switch before the body is read, then parses the form
+//! (multipart or JSON, [`crate::form::ImageForm`]), resolves the model, inspects the uploads off
+//! the runtime, validates the whole request and runs it (`stream`: `image_edit.*` events).
 
-use axum::extract::{FromRequest, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, Uri};
 use axum::response::Response;
 use fastfusion_proto::Endpoint;
 
 use crate::app::AppState;
 use crate::error::ApiError;
-use crate::form::ImageForm;
 use crate::routes::run;
 use crate::validation::validate_edit;
 
@@ -40,14 +39,13 @@ pub async fn create_edit(
     uri: Uri,
     request: Request,
 ) -> Result<Response, ApiError> {
-    run::ensure_endpoint_served(&state, Endpoint::Edits).await?;
-    let ImageForm {
-        request: fields,
-        images,
-        mask,
-    } = ImageForm::from_request(request, &state).await?;
-    let info = state.workers.info(fields.model.as_deref()).await?;
-    let (images, mask) = run::inspect_uploads(images, mask, state.http.max_input_pixels).await?;
-    let valid = validate_edit(fields, images, mask, &info)?;
-    run::generate(&state, &headers, &uri, &info, valid).await
+    run::image_task(
+        &state,
+        &headers,
+        &uri,
+        request,
+        Endpoint::Edits,
+        validate_edit,
+    )
+    .await
 }

@@ -10,6 +10,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderMap, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -21,7 +22,8 @@ use futures::StreamExt;
 
 use crate::app::AppState;
 use crate::error::ApiError;
-use crate::openai::{ImageData, ImagesResponse, OutputFormat, ResponseFormat};
+use crate::form::ImageForm;
+use crate::openai::{ImageData, ImageEditRequest, ImagesResponse, OutputFormat, ResponseFormat};
 use crate::public_url::public_base_url;
 use crate::routes::stream;
 use crate::uploads::{inspect, InputImage, Upload};
@@ -55,6 +57,36 @@ pub async fn ensure_endpoint_served(state: &AppState, endpoint: Endpoint) -> Res
     }
     let names: Vec<&str> = disabled.iter().map(String::as_str).collect();
     Err(endpoint_disabled(&names, endpoint))
+}
+
+/// Validates an image endpoint's request once its uploads are inspected.
+pub type ValidateImages = fn(
+    ImageEditRequest,
+    Vec<InputImage>,
+    Option<InputImage>,
+    &InfoResponse,
+) -> Result<ValidGeneration, ApiError>;
+
+/// What edits and variations share: the endpoint switch before the body is read, the form
+/// (multipart or JSON), the model, the uploads inspected off the runtime, `validate`, the run.
+pub async fn image_task(
+    state: &AppState,
+    headers: &HeaderMap,
+    uri: &Uri,
+    request: Request,
+    endpoint: Endpoint,
+    validate: ValidateImages,
+) -> Result<Response, ApiError> {
+    ensure_endpoint_served(state, endpoint).await?;
+    let ImageForm {
+        request: fields,
+        images,
+        mask,
+    } = ImageForm::from_request(request, state).await?;
+    let info = state.workers.info(fields.model.as_deref()).await?;
+    let (images, mask) = inspect_uploads(images, mask, state.http.max_input_pixels).await?;
+    let valid = validate(fields, images, mask, &info)?;
+    generate(state, headers, uri, &info, valid).await
 }
 
 /// Checks every upload ([`inspect`]) off the async runtime, since it decodes them.

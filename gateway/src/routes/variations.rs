@@ -4,14 +4,13 @@
 //!
 //! Same flow as edits: endpoint switch before the body, then form, model, uploads, validation.
 
-use axum::extract::{FromRequest, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, Uri};
 use axum::response::Response;
 use fastfusion_proto::Endpoint;
 
 use crate::app::AppState;
 use crate::error::ApiError;
-use crate::form::ImageForm;
 use crate::routes::run;
 use crate::validation::validate_variation;
 
@@ -39,14 +38,13 @@ pub async fn create_variation(
     uri: Uri,
     request: Request,
 ) -> Result<Response, ApiError> {
-    run::ensure_endpoint_served(&state, Endpoint::Variations).await?;
-    let ImageForm {
-        request: fields,
-        images,
-        mask,
-    } = ImageForm::from_request(request, &state).await?;
-    let info = state.workers.info(fields.model.as_deref()).await?;
-    let (images, mask) = run::inspect_uploads(images, mask, state.http.max_input_pixels).await?;
-    let valid = validate_variation(fields, images, mask, &info)?;
-    run::generate(&state, &headers, &uri, &info, valid).await
+    run::image_task(
+        &state,
+        &headers,
+        &uri,
+        request,
+        Endpoint::Variations,
+        validate_variation,
+    )
+    .await
 }
