@@ -1,15 +1,13 @@
-//! The axum application: [`AppState`] (the seams handlers use) and [`router`], which wires routes,
-//! fallbacks and middleware. Built without sockets, so tests drive it with `oneshot`.
+//! The axum application: [`router`] wires routes, fallbacks and middleware over an
+//! [`AppState`] (state.rs). Built without sockets, so tests drive it with `oneshot`.
 //!
 //! Middleware, outermost first: request id (an incoming `x-request-id` is kept, else a UUID is
 //! made; it is echoed back and passed to the worker), tracing span per request (joined to the
 //! client's W3C trace, see telemetry.rs), body limit (enforced by the body extractors, JSON and
-//! multipart alike, so a 413 comes out in OpenAI's shape), request metrics by matched route
-//! (metrics.rs). On the image endpoints and `/v1/models` the API key check (auth.rs) comes
+//! multipart alike, so a 413 comes out in OpenAI's shape), draining of what a refused request
+//! left unread (drain.rs, so the answer reaches a client still sending), request metrics by
+//! matched route (metrics.rs). On the image endpoints and `/v1/models` the API key check (auth.rs) comes
 //! next, then on generation endpoints the concurrency limit (concurrency.rs).
-
-use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::HeaderName;
@@ -20,48 +18,20 @@ use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
-use crate::auth::{require_api_key, ApiKeys};
-use crate::concurrency::{limit_concurrency, ConcurrencyLimit};
-use crate::image_urls::ImageUrls;
+use crate::auth::require_api_key;
+use crate::concurrency::limit_concurrency;
+use crate::drain::{drain_unread_body, DrainLimits, DRAIN_TIMEOUT};
 use crate::routes;
-use crate::storage::ImageStore;
-use crate::workers::WorkerPool;
-
-/// Header carrying the request id, set by the middleware when the client sends none.
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
-
-/// What every handler can reach. Cheap to clone: all shared behind `Arc`s, set once at start-up.
-#[derive(Clone)]
-pub struct AppState {
-    pub workers: Arc<dyn WorkerPool>,
-    pub images: Arc<dyn ImageStore>,
-    pub http: Arc<HttpSettings>,
-    /// Keys the image endpoints and `/v1/models` ask for (none: open).
-    pub api_keys: Arc<ApiKeys>,
-    /// Builds (and signs) image urls; checks downloads.
-    pub urls: Arc<ImageUrls>,
-    /// Generation requests running at once on this gateway.
-    pub concurrency: Arc<ConcurrencyLimit>,
-}
-
-/// The HTTP side's settings.
-#[derive(Debug, Clone)]
-pub struct HttpSettings {
-    /// BASE_URL without trailing slash; `None`: urls follow the request's host.
-    pub base_url: Option<String>,
-    /// Longest a generation may take, queueing included.
-    pub request_timeout: Duration,
-    /// Largest request body, in bytes (uploads included).
-    pub max_body_bytes: usize,
-    /// Most pixels an uploaded image or mask may declare.
-    pub max_input_pixels: u64,
-    /// Unix seconds at start-up; reported as the models' `created`.
-    pub started_at: u64,
-}
+use crate::state::AppState;
+use crate::telemetry::REQUEST_ID_HEADER;
 
 /// The whole HTTP API.
 pub fn router(state: AppState) -> Router {
     let request_id = HeaderName::from_static(REQUEST_ID_HEADER);
+    let drain = DrainLimits {
+        max_bytes: state.http.max_body_bytes,
+        timeout: DRAIN_TIMEOUT,
+    };
     let middleware = ServiceBuilder::new()
         .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
         .layer(
@@ -90,9 +60,16 @@ pub fn router(state: AppState) -> Router {
     let keyed = generation
         .route("/v1/models", get(routes::models::list_models))
         .route_layer(from_fn_with_state(state.api_keys.clone(), require_api_key));
-    // Image urls, probes and metrics stay open (see auth.rs).
+    // Image urls, probes, metrics and the playground page stay open (see auth.rs).
     keyed
         .route("/v1/images/data/{file_id}", get(routes::images::get_image))
+        .route("/", get(routes::playground::page))
+        .route("/playground", get(routes::playground::page))
+        .route("/playground/playground.js", get(routes::playground::script))
+        .route(
+            "/playground/playground.css",
+            get(routes::playground::styles),
+        )
         .route("/health", get(routes::probes::health))
         .route("/ready", get(routes::probes::ready))
         .route("/metrics", get(crate::metrics::scrape))
@@ -101,6 +78,7 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(routes::method_not_allowed)
         // Inside the router so the matched route pattern (not the raw path) labels the series.
         .layer(axum::middleware::from_fn(crate::metrics::track))
+        .layer(from_fn_with_state(drain, drain_unread_body))
         .layer(DefaultBodyLimit::max(state.http.max_body_bytes))
         .layer(middleware)
         .with_state(state)

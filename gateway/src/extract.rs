@@ -11,20 +11,27 @@
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
 
 use crate::error::ApiError;
+use crate::openai::CommonFields;
 
 /// A request body type together with the top-level fields it understands.
 pub trait JsonBody: DeserializeOwned {
-    const FIELDS: &'static [&'static str];
+    /// Whether `field` is one of the body's fields (others are ignored and logged at debug).
+    fn knows(field: &str) -> bool;
 }
 
 impl JsonBody for crate::openai::ImageGenerationRequest {
-    const FIELDS: &'static [&'static str] = crate::openai::ImageGenerationRequest::FIELDS;
+    fn knows(field: &str) -> bool {
+        CommonFields::FIELDS.contains(&field) || Self::OWN_FIELDS.contains(&field)
+    }
 }
 
 impl JsonBody for crate::openai::ImageEditRequest {
-    const FIELDS: &'static [&'static str] = crate::openai::ImageEditRequest::FIELDS;
+    fn knows(field: &str) -> bool {
+        CommonFields::FIELDS.contains(&field) || Self::OWN_FIELDS.contains(&field)
+    }
 }
 
 /// The body of a request, deserialized.
@@ -57,18 +64,17 @@ where
 
 /// The body bytes → `T`, with errors naming the field where serde knows it.
 pub fn parse_body<T: JsonBody>(bytes: &[u8]) -> Result<T, ApiError> {
-    let value: serde_json::Value =
-        serde_json::from_slice(bytes).map_err(|e| ApiError::InvalidRequest {
-            param: None,
-            message: format!("the request body is not valid JSON: {e}"),
-        })?;
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| ApiError::InvalidRequest {
+        param: None,
+        message: format!("the request body is not valid JSON: {e}"),
+    })?;
     parse_value(value)
 }
 
 /// A JSON value → `T`, as [`parse_body`] does after parsing. Multipart forms come through here
 /// too (`crate::form` turns their text parts into a JSON object), so both forms share one set of
 /// type errors.
-pub fn parse_value<T: JsonBody>(value: serde_json::Value) -> Result<T, ApiError> {
+pub fn parse_value<T: JsonBody>(value: Value) -> Result<T, ApiError> {
     let Some(object) = value.as_object() else {
         return Err(ApiError::InvalidRequest {
             param: None,
@@ -76,10 +82,23 @@ pub fn parse_value<T: JsonBody>(value: serde_json::Value) -> Result<T, ApiError>
         });
     };
     for key in object.keys() {
-        if !T::FIELDS.contains(&key.as_str()) {
+        if !T::knows(key) {
             tracing::debug!(field = %key, "ignoring unknown request field");
         }
     }
+    // Serde loses the path of a wrong value inside a flattened struct, so the shared fields are
+    // checked on their own first (a copy of just those keys: never the uploads).
+    let common: Map<String, Value> = object
+        .iter()
+        .filter(|(key, _)| CommonFields::FIELDS.contains(&key.as_str()))
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect();
+    typed::<CommonFields>(Value::Object(common))?;
+    typed(value)
+}
+
+/// `value` → `T`, a wrong value named by its path (`n`, `lora_settings[0].weight`).
+fn typed<T: DeserializeOwned>(value: Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(value).map_err(|error| {
         let path = error.path().to_string();
         let message = error.inner().to_string();
@@ -144,6 +163,6 @@ mod tests {
         let parsed =
             parse_body::<ImageGenerationRequest>(br#"{"prompt":"x","future_field":{"a":1}}"#)
                 .expect("parses");
-        assert_eq!(parsed.prompt.as_deref(), Some("x"));
+        assert_eq!(parsed.common.prompt.as_deref(), Some("x"));
     }
 }

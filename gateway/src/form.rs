@@ -19,7 +19,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use serde_json::{Map, Value};
 
 use crate::error::ApiError;
-use crate::extract::{parse_value, ApiJson};
+use crate::extract::{parse_value, ApiJson, JsonBody};
 use crate::openai::ImageEditRequest;
 use crate::uploads::{from_reference, Upload, MAX_INPUT_IMAGES};
 
@@ -33,6 +33,7 @@ const NON_TEXT_FIELDS: &[&str] = &[
     "guidance_scale",
     "strength",
     "stream",
+    "stream_progress",
     "lora_settings",
 ];
 
@@ -130,8 +131,10 @@ async fn read_multipart(mut multipart: Multipart) -> Result<ImageForm, ApiError>
                     bytes,
                 });
             }
+            // Refused before its (possibly large) file is read.
+            "markup" => return Err(markup_unsupported()),
             // `images` is the JSON form's field; in a form the files are `image` parts.
-            known if known != "images" && ImageEditRequest::FIELDS.contains(&known) => {
+            known if known != "images" && ImageEditRequest::knows(known) => {
                 let text = field.text().await.map_err(multipart_error)?;
                 if text.is_empty() {
                     continue;
@@ -171,7 +174,20 @@ fn text_value(name: &str, text: String) -> Result<Value, ApiError> {
     })
 }
 
+/// OpenAI's `markup` (annotations drawn over the image for its own models); nothing here can
+/// follow them, and silently dropping them would paint something else than asked.
+pub fn markup_unsupported() -> ApiError {
+    ApiError::invalid(
+        "markup",
+        "markup is not supported by this server's models; paint the area to change into a mask \
+         instead",
+    )
+}
+
 fn from_json(mut request: ImageEditRequest) -> Result<ImageForm, ApiError> {
+    if request.markup.is_some() {
+        return Err(markup_unsupported());
+    }
     let references = request.images.take().unwrap_or_default();
     if references.len() > MAX_INPUT_IMAGES {
         return Err(ApiError::invalid(

@@ -3,8 +3,11 @@
 //! A request flows top to bottom:
 //!
 //! ```text
-//! app.rs          router + middleware (request id, tracing, body limit); AppState
-//! routes/         handlers: generations, edits, variations, image data, models, health/ready
+//! app.rs          router + middleware (request id, tracing, body limit, draining)
+//! state.rs        AppState (the seams handlers reach) and HttpSettings
+//! drain.rs        a refused request's unread body is read before the answer, so it arrives
+//! routes/         handlers: generations, edits, variations, image data, models, health/ready,
+//!                 the playground page (its files in gateway/static/, compiled in)
 //! extract.rs      JSON bodies → OpenAI types, rejections as ApiError
 //! form.rs         edit/variation bodies (multipart or JSON) → request + uploads
 //! uploads.rs      uploaded images: data URLs, format sniffing, pixel limit, decode check
@@ -30,6 +33,7 @@ pub mod app;
 pub mod auth;
 pub mod concurrency;
 pub mod config;
+pub mod drain;
 pub mod error;
 pub mod extract;
 pub mod form;
@@ -39,11 +43,13 @@ pub mod openai;
 pub mod openapi;
 pub mod public_url;
 pub mod routes;
+pub mod state;
 pub mod storage;
 pub mod telemetry;
 pub mod uploads;
 pub mod validation;
 pub mod workers;
 
-pub use app::{router, AppState, HttpSettings};
+pub use app::router;
 pub use error::ApiError;
+pub use state::{AppState, HttpSettings};

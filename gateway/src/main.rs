@@ -101,13 +101,39 @@ async fn run() -> anyhow::Result<()> {
         .with_context(|| format!("FASTFUSION_HOST/FASTFUSION_PORT: cannot listen on {address}"))?;
     let bound = listener.local_addr()?;
     tracing::info!("listening on http://{bound}");
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving HTTP")?;
-    tracing::info!("HTTP server stopped");
+    let serving = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal());
+    // An embedded model that cannot load stops the gateway with the reason: serving 503s forever
+    // would hide it.
+    let failed = tokio::select! {
+        served = serving => {
+            served.context("serving HTTP")?;
+            None
+        }
+        reason = embedded_load_failure(embedded.as_ref()) => Some(reason),
+    };
     stop_embedded(embedded).await;
+    if let Some(reason) = failed {
+        anyhow::bail!(
+            "CONFIG_PATH: the embedded worker's model failed to load from {}: {reason}",
+            settings.config_path.display()
+        );
+    }
+    tracing::info!("HTTP server stopped");
     Ok(())
+}
+
+/// Resolves with the reason if the embedded worker's model fails to load; never without one.
+#[cfg(feature = "embedded-worker")]
+async fn embedded_load_failure(embedded: Option<&Embedded>) -> String {
+    match embedded {
+        Some(worker) => worker.load_failure().await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(not(feature = "embedded-worker"))]
+async fn embedded_load_failure(_: Option<&Embedded>) -> String {
+    std::future::pending().await
 }
 
 #[cfg(feature = "embedded-worker")]

@@ -1,38 +1,49 @@
 //! The OpenAI Images API wire types, as the openai-python SDK sends and receives them.
 //!
-//! [`ImageGenerationRequest`] is the raw `POST /v1/images/generations` body: every field optional
-//! so that `validation.rs` (not serde) decides what is missing and names it. Top-level extensions
-//! (seed, negative_prompt, guidance_scale, num_inference_steps, scheduler, lora_settings) sit beside
-//! OpenAI's own fields, as vLLM-Omni does. Unknown fields are ignored (the SDK gains new ones) and
-//! logged at debug by [`crate::extract`]. [`ImagesResponse`] is what OpenAI returns, plus the seed
-//! of each image.
+//! [`ImageGenerationRequest`] and [`ImageEditRequest`] are the raw request bodies: the fields all
+//! image endpoints share live once in [`CommonFields`] (flattened into both), every field
+//! optional so that `validation.rs` (not serde) decides what is missing and names it. Top-level
+//! extensions (seed, negative_prompt, guidance_scale, num_inference_steps, scheduler,
+//! lora_settings, stream_progress) sit beside OpenAI's own fields, as vLLM-Omni does. Unknown
+//! fields are ignored (the SDK gains new ones) and logged at debug by [`crate::extract`].
+//! [`ImagesResponse`] is what OpenAI returns, plus the seed of each image; [`Model`] is a
+//! `/v1/models` entry with what the model's workers report.
 
 use serde::{Deserialize, Serialize};
 
-/// `POST /v1/images/generations` as received.
+/// The fields generations, edits and variations share, flattened into each request type, so
+/// the three endpoints parse, document and validate them once.
 ///
-/// `moderation` is accepted for SDK compatibility and ignored: FastFusion runs no content filter.
-/// `style` and `user` are accepted and not used by the diffusion models.
+/// `user`, `safety_identifier` and `complexity` are accepted for OpenAI compatibility and not
+/// used by the diffusion models (`complexity` takes any JSON value).
 #[derive(Debug, Default, Clone, Deserialize, Serialize, utoipa::ToSchema)]
-pub struct ImageGenerationRequest {
+pub struct CommonFields {
+    /// Required for generations and edits; optional for variations.
     pub prompt: Option<String>,
     pub model: Option<String>,
     pub n: Option<u32>,
-    /// `"WIDTHxHEIGHT"` or `"auto"` (the model's native size).
+    /// `"WIDTHxHEIGHT"` or `"auto"`: the model's native size for generations, the first input's
+    /// size for edits and variations (the default there).
     pub size: Option<String>,
-    /// A `generation_presets` name, or one of OpenAI's (standard, hd, low, medium, high, auto).
+    /// A `generation_presets` name, or one of OpenAI's (standard, hd, low, medium, high, xhigh,
+    /// max, auto).
     pub quality: Option<String>,
-    pub style: Option<String>,
     pub user: Option<String>,
+    /// Default `url`; `b64_json` when `model` names one of OpenAI's gpt-image models, which
+    /// always answer inline.
     pub response_format: Option<ResponseFormat>,
     pub output_format: Option<OutputFormat>,
     pub output_compression: Option<u32>,
     pub background: Option<Background>,
-    pub moderation: Option<String>,
     /// `true`: answer with server-sent events ([`ImageStreamEvent`]) instead of one JSON body.
     pub stream: Option<bool>,
     /// Previews sent before each final image when streaming, 0..=3; ignored without `stream`.
     pub partial_images: Option<u32>,
+    /// Extension, streaming only: also send `fastfusion.progress` events (queue position,
+    /// denoising step).
+    pub stream_progress: Option<bool>,
+    pub safety_identifier: Option<String>,
+    pub complexity: Option<serde_json::Value>,
     // Extensions.
     pub seed: Option<u64>,
     pub negative_prompt: Option<String>,
@@ -40,96 +51,80 @@ pub struct ImageGenerationRequest {
     pub num_inference_steps: Option<u32>,
     pub scheduler: Option<String>,
     pub lora_settings: Option<Vec<LoraSetting>>,
+    /// FLUX: T5 tokens the prompt is padded or truncated to (the model's default when absent);
+    /// ignored by models without T5.
+    pub max_sequence_length: Option<u32>,
 }
 
-impl ImageGenerationRequest {
-    /// Every field name the gateway understands; others are ignored and logged at debug.
+impl CommonFields {
+    /// Every field name, as clients send them.
     pub const FIELDS: &'static [&'static str] = &[
         "prompt",
         "model",
         "n",
         "size",
         "quality",
-        "style",
         "user",
         "response_format",
         "output_format",
         "output_compression",
         "background",
-        "moderation",
         "stream",
         "partial_images",
+        "stream_progress",
+        "safety_identifier",
+        "complexity",
         "seed",
         "negative_prompt",
         "guidance_scale",
         "num_inference_steps",
         "scheduler",
         "lora_settings",
+        "max_sequence_length",
     ];
+}
+
+/// `POST /v1/images/generations` as received.
+///
+/// `moderation` is accepted for SDK compatibility and ignored: FastFusion runs no content filter.
+/// `style` is accepted and not used by the diffusion models.
+#[derive(Debug, Default, Clone, Deserialize, Serialize, utoipa::ToSchema)]
+pub struct ImageGenerationRequest {
+    #[serde(flatten)]
+    pub common: CommonFields,
+    pub style: Option<String>,
+    pub moderation: Option<String>,
+}
+
+impl ImageGenerationRequest {
+    /// The fields only generations have, beside [`CommonFields::FIELDS`].
+    pub const OWN_FIELDS: &'static [&'static str] = &["style", "moderation"];
 }
 
 /// `POST /v1/images/edits` and `POST /v1/images/variations` as received, from a multipart form
 /// (every text part; files travel beside it as uploads) or from the JSON body form of edits.
 ///
 /// Variations use the same fields: there `prompt` is optional. `input_fidelity` (OpenAI's, for
-/// its own models) and `user` are accepted and not used.
+/// its own models) is accepted and not used; `markup` (OpenAI's drawn annotations) is refused.
 #[derive(Debug, Default, Clone, Deserialize, Serialize, utoipa::ToSchema)]
 pub struct ImageEditRequest {
-    pub prompt: Option<String>,
-    pub model: Option<String>,
-    pub n: Option<u32>,
-    /// `"WIDTHxHEIGHT"`, or `"auto"` (the default here): the first input's size.
-    pub size: Option<String>,
-    pub quality: Option<String>,
-    pub user: Option<String>,
-    pub response_format: Option<ResponseFormat>,
-    pub output_format: Option<OutputFormat>,
-    pub output_compression: Option<u32>,
-    pub background: Option<Background>,
+    #[serde(flatten)]
+    pub common: CommonFields,
     pub input_fidelity: Option<String>,
-    pub stream: Option<bool>,
-    pub partial_images: Option<u32>,
-    // Extensions.
-    pub seed: Option<u64>,
-    pub negative_prompt: Option<String>,
-    pub guidance_scale: Option<f64>,
-    pub num_inference_steps: Option<u32>,
-    pub scheduler: Option<String>,
-    pub lora_settings: Option<Vec<LoraSetting>>,
     /// How much of the denoising schedule runs over the input, 0 < strength <= 1.
     pub strength: Option<f64>,
     /// JSON form only: the input images; the first is the one edited.
     pub images: Option<Vec<ImageReference>>,
     /// JSON form only: the mask for the first image.
     pub mask: Option<ImageReference>,
+    /// Not supported: any value is a 400 naming `markup`.
+    pub markup: Option<serde_json::Value>,
 }
 
 impl ImageEditRequest {
-    /// Every field name the gateway understands; others are ignored and logged at debug.
-    pub const FIELDS: &'static [&'static str] = &[
-        "prompt",
-        "model",
-        "n",
-        "size",
-        "quality",
-        "user",
-        "response_format",
-        "output_format",
-        "output_compression",
-        "background",
-        "input_fidelity",
-        "stream",
-        "partial_images",
-        "seed",
-        "negative_prompt",
-        "guidance_scale",
-        "num_inference_steps",
-        "scheduler",
-        "lora_settings",
-        "strength",
-        "images",
-        "mask",
-    ];
+    /// The fields only edits and variations have, beside [`CommonFields::FIELDS`].
+    pub const OWN_FIELDS: &'static [&'static str] =
+        &["input_fidelity", "strength", "images", "mask", "markup"];
 }
 
 /// An input image in the JSON form: `{"image_url": "data:image/png;base64,..."}`. OpenAI also
@@ -162,14 +157,30 @@ pub enum ResponseFormat {
     B64Json,
 }
 
-/// The encoding of the returned images.
+/// The encoding of the returned images. Other names OpenAI knows (`gif`, `svg`) are refused with
+/// a message saying which formats this server makes.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase", try_from = "String")]
 pub enum OutputFormat {
     #[default]
     Png,
     Jpeg,
     Webp,
+}
+
+impl TryFrom<String> for OutputFormat {
+    type Error = String;
+
+    fn try_from(name: String) -> Result<Self, Self::Error> {
+        match name.as_str() {
+            "png" => Ok(OutputFormat::Png),
+            "jpeg" => Ok(OutputFormat::Jpeg),
+            "webp" => Ok(OutputFormat::Webp),
+            other => Err(format!(
+                "'{other}' is not an image format this server makes; use png, jpeg or webp"
+            )),
+        }
+    }
 }
 
 impl OutputFormat {
@@ -311,6 +322,44 @@ impl StreamEventType {
     }
 }
 
+/// Extension: `event: fastfusion.progress`, sent while streaming when the request asks for it
+/// (`stream_progress: true`), so a UI can show where its job is. OpenAI clients never see one
+/// unless they ask.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema)]
+pub struct ImageProgressEvent {
+    /// Always `"fastfusion.progress"`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `queued` (waiting for the model), `started` (in a batch) or `denoising`.
+    pub stage: ProgressStage,
+    /// Queued only: jobs ahead of this one (0: next to run).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub position: Option<u32>,
+    /// Denoising only: steps done, 1..=total.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step: Option<u32>,
+    /// Started and denoising: steps the job runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub total: Option<u32>,
+    /// Started only: the seed in use (the request's, or the random one picked).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+}
+
+impl ImageProgressEvent {
+    /// The SSE `event:` name and the `type` field.
+    pub const NAME: &'static str = "fastfusion.progress";
+}
+
+/// [`ImageProgressEvent::stage`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ProgressStage {
+    Queued,
+    Started,
+    Denoising,
+}
+
 /// OpenAI's token usage of a completed event. Its SDK types require the field, but diffusion
 /// models are not billed by token, so every count is 0.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema)]
@@ -335,7 +384,10 @@ pub struct ModelList {
     pub data: Vec<Model>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
+/// One served model: OpenAI's `id`, `object`, `created`, `owned_by`, then what the model's
+/// workers report (extensions, for UIs such as the playground: which endpoints, sizes, steps,
+/// schedulers, presets and LoRAs it takes). Limits are the ones the gateway enforces.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, utoipa::ToSchema)]
 pub struct Model {
     pub id: String,
     /// Always `"model"`.
@@ -343,82 +395,118 @@ pub struct Model {
     /// Unix seconds; the gateway's start time (workers report no creation date).
     pub created: u64,
     pub owned_by: String,
+    /// Whether a worker of this model has loaded it (until then sizes are unknown: 0).
+    pub loaded: bool,
+    /// The endpoints switched on: `generations`, `edits`, `variations`.
+    pub endpoints: Vec<String>,
+    /// What `size: "auto"` gives for generations, `"WIDTHxHEIGHT"`; empty until loaded.
+    pub native_size: String,
+    /// Width and height must be multiples of this.
+    pub size_multiple: u32,
+    /// Largest width × height.
+    pub max_pixels: u64,
+    /// Most images per request (`n`).
+    pub max_n: u32,
+    /// Most denoising steps per request.
+    pub max_steps: u32,
+    /// Names accepted in `scheduler`.
+    pub schedulers: Vec<String>,
+    /// The scheduler used when a request names none (the model's own).
+    pub default_scheduler: String,
+    /// Steps and guidance when a request gives neither nor a `quality` preset.
+    pub default_num_inference_steps: u32,
+    pub default_guidance_scale: f32,
+    /// `strength` of edits and variations that give none.
+    pub default_strength: f32,
+    /// The model's `generation_presets`, selected by `quality`.
+    pub presets: Vec<ModelPreset>,
+    /// LoRA adapter names usable in `lora_settings`.
+    pub loras: Vec<String>,
+}
+
+/// A `generation_presets` entry.
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
+pub struct ModelPreset {
+    pub name: String,
+    pub guidance_scale: f32,
+    pub num_inference_steps: u32,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn fields_lists_every_request_field() {
-        let full = ImageGenerationRequest {
+    fn full_common() -> CommonFields {
+        CommonFields {
             prompt: Some(String::new()),
             model: Some(String::new()),
             n: Some(1),
             size: Some(String::new()),
             quality: Some(String::new()),
-            style: Some(String::new()),
             user: Some(String::new()),
             response_format: Some(ResponseFormat::Url),
             output_format: Some(OutputFormat::Png),
             output_compression: Some(1),
             background: Some(Background::Auto),
-            moderation: Some(String::new()),
             stream: Some(false),
             partial_images: Some(0),
+            stream_progress: Some(false),
+            safety_identifier: Some(String::new()),
+            complexity: Some(serde_json::Value::Null),
             seed: Some(1),
             negative_prompt: Some(String::new()),
             guidance_scale: Some(1.0),
             num_inference_steps: Some(1),
             scheduler: Some(String::new()),
             lora_settings: Some(Vec::new()),
-        };
-        let value = serde_json::to_value(full).expect("serializes");
-        let mut keys: Vec<&str> = value
+            max_sequence_length: Some(1),
+        }
+    }
+
+    /// The top-level keys `value` serializes to, sorted.
+    fn keys(value: impl Serialize) -> Vec<String> {
+        let value = serde_json::to_value(value).expect("serializes");
+        let mut keys: Vec<String> = value
             .as_object()
-            .map(|o| o.keys().map(String::as_str).collect())
+            .map(|o| o.keys().cloned().collect())
             .unwrap_or_default();
         keys.sort_unstable();
-        let mut fields = ImageGenerationRequest::FIELDS.to_vec();
+        keys
+    }
+
+    fn sorted(lists: &[&[&str]]) -> Vec<String> {
+        let mut fields: Vec<String> = lists.concat().iter().map(|f| f.to_string()).collect();
         fields.sort_unstable();
-        assert_eq!(keys, fields);
+        fields
+    }
+
+    #[test]
+    fn fields_lists_every_request_field() {
+        let full = ImageGenerationRequest {
+            common: full_common(),
+            style: Some(String::new()),
+            moderation: Some(String::new()),
+        };
+        assert_eq!(
+            keys(full),
+            sorted(&[CommonFields::FIELDS, ImageGenerationRequest::OWN_FIELDS])
+        );
     }
 
     #[test]
     fn edit_fields_lists_every_request_field() {
         let full = ImageEditRequest {
-            prompt: Some(String::new()),
-            model: Some(String::new()),
-            n: Some(1),
-            size: Some(String::new()),
-            quality: Some(String::new()),
-            user: Some(String::new()),
-            response_format: Some(ResponseFormat::Url),
-            output_format: Some(OutputFormat::Png),
-            output_compression: Some(1),
-            background: Some(Background::Auto),
+            common: full_common(),
             input_fidelity: Some(String::new()),
-            stream: Some(false),
-            partial_images: Some(0),
-            seed: Some(1),
-            negative_prompt: Some(String::new()),
-            guidance_scale: Some(1.0),
-            num_inference_steps: Some(1),
-            scheduler: Some(String::new()),
-            lora_settings: Some(Vec::new()),
             strength: Some(0.5),
             images: Some(Vec::new()),
             mask: Some(ImageReference::default()),
+            markup: Some(serde_json::Value::Null),
         };
-        let value = serde_json::to_value(full).expect("serializes");
-        let mut keys: Vec<&str> = value
-            .as_object()
-            .map(|o| o.keys().map(String::as_str).collect())
-            .unwrap_or_default();
-        keys.sort_unstable();
-        let mut fields = ImageEditRequest::FIELDS.to_vec();
-        fields.sort_unstable();
-        assert_eq!(keys, fields);
+        assert_eq!(
+            keys(full),
+            sorted(&[CommonFields::FIELDS, ImageEditRequest::OWN_FIELDS])
+        );
     }
 
     #[test]
@@ -428,6 +516,7 @@ mod tests {
                 "lora_settings":[{"name":"a"}]}"#,
         )
         .expect("parses");
+        let request = request.common;
         assert_eq!(request.response_format, Some(ResponseFormat::B64Json));
         assert_eq!(request.output_format, Some(OutputFormat::Webp));
         assert_eq!(request.background, Some(Background::Opaque));

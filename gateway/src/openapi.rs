@@ -22,7 +22,7 @@ use crate::routes;
         description = "The OpenAI Images API (generations, edits, variations) served by \
                        diffusion models on FastFusion workers, with extensions: seed, \
                        negative_prompt, guidance_scale, num_inference_steps, scheduler, \
-                       lora_settings, strength."
+                       lora_settings, strength, stream_progress (fastfusion.progress events)."
     ),
     paths(
         routes::generations::create_image,
@@ -34,11 +34,13 @@ use crate::routes;
         routes::probes::ready,
     ),
     components(schemas(
+        openai::CommonFields,
         openai::ImageGenerationRequest,
         openai::ImageEditRequest,
         openai::ImagesResponse,
         openai::ImageStreamEvent,
         openai::ModelList,
+        openai::ImageProgressEvent,
         ErrorResponse,
         ImageEditForm,
         ImageVariationForm,

@@ -8,7 +8,8 @@
 use axum::http::Request;
 use tracing::Span;
 
-use crate::app::REQUEST_ID_HEADER;
+/// Header carrying the request id, set by the middleware when the client sends none.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
 /// The `http` span of one request: method, path and request id; its parent is the client's
 /// trace when the request carries a valid `traceparent` and spans are exported.

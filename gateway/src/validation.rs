@@ -1,6 +1,7 @@
 //! Raw OpenAI requests + the target model's `InfoResponse` → [`ValidGeneration`], or a 400 naming
-//! the parameter at fault. The three image endpoints share one set of checks
-//! ([`Options`] → `validate_options`); each adds only what is its own.
+//! the parameter at fault. The three image endpoints share one set of fields
+//! ([`CommonFields`], flattened into each request type) and one set of checks on them
+//! (`validate_common`); each adds only what is its own.
 //!
 //! Only a `ValidGeneration` travels on to the worker; it carries every setting resolved (size,
 //! steps, guidance, strength), so the worker never has to guess what the client meant. The rules:
@@ -28,12 +29,15 @@ use fastfusion_proto::{Endpoint, InfoResponse, Limits, Task};
 
 use crate::error::ApiError;
 use crate::openai::{
-    Background, ImageEditRequest, ImageGenerationRequest, LoraSetting, OutputFormat, ResponseFormat,
+    Background, CommonFields, ImageEditRequest, ImageGenerationRequest, LoraSetting, OutputFormat,
+    ResponseFormat,
 };
 use crate::uploads::InputImage;
 
 /// OpenAI's `quality` values; they select the global defaults unless a preset has that name.
-const OPENAI_QUALITIES: &[&str] = &["standard", "hd", "low", "medium", "high", "auto"];
+const OPENAI_QUALITIES: &[&str] = &[
+    "standard", "hd", "low", "medium", "high", "xhigh", "max", "auto",
+];
 /// OpenAI's `style` values (accepted, not used by diffusion models).
 const OPENAI_STYLES: &[&str] = &["vivid", "natural"];
 /// Size multiple enforced even if a worker reports a smaller one: SD's VAE downsamples by 8.
@@ -53,8 +57,8 @@ pub struct ValidGeneration {
     pub task: Task,
     /// Empty only for a variation without a prompt.
     pub prompt: String,
-    /// Empty = the unconditional prompt.
-    pub negative_prompt: String,
+    /// Absent = the model's unconditional default (see the proto field).
+    pub negative_prompt: Option<String>,
     pub n: u32,
     pub width: u32,
     pub height: u32,
@@ -66,6 +70,8 @@ pub struct ValidGeneration {
     /// Empty = the model's default scheduler.
     pub scheduler: String,
     pub loras: Vec<(String, f32)>,
+    /// FLUX only (checked against the worker's limit); `None` for models without T5.
+    pub max_sequence_length: Option<u32>,
     pub response_format: ResponseFormat,
     pub output_format: OutputFormat,
     pub output_compression: Option<u32>,
@@ -77,6 +83,8 @@ pub struct ValidGeneration {
     pub stream: bool,
     /// Previews the worker sends per image; 0 unless streaming, since only a stream shows them.
     pub partial_images: u32,
+    /// Streaming only: relay queue position and denoising steps as `fastfusion.progress` events.
+    pub stream_progress: bool,
     /// Image-to-image and inpaint only; `None` = the worker's default.
     pub strength: Option<f32>,
     /// Input images as uploaded, the edited one first; empty for text-to-image.
@@ -112,6 +120,7 @@ impl ValidGeneration {
                 .collect(),
             images: self.images.iter().map(|image| image.to_vec()).collect(),
             mask: self.mask.as_ref().map(|mask| mask.to_vec()),
+            max_sequence_length: self.max_sequence_length,
             // AUTO: an alpha channel marks transparent pixels for repainting (OpenAI's masks),
             // otherwise white pixels do (diffusers' and the seed's).
             mask_mode: fastfusion_proto::MaskMode::Auto as i32,
@@ -124,68 +133,6 @@ impl ValidGeneration {
     /// `"WIDTHxHEIGHT"`, as the response reports it.
     pub fn size(&self) -> String {
         format!("{}x{}", self.width, self.height)
-    }
-}
-
-/// The settings every image endpoint shares, as received.
-#[derive(Debug)]
-struct Options {
-    n: Option<u32>,
-    size: Option<String>,
-    quality: Option<String>,
-    response_format: Option<ResponseFormat>,
-    output_format: Option<OutputFormat>,
-    output_compression: Option<u32>,
-    background: Option<Background>,
-    stream: Option<bool>,
-    partial_images: Option<u32>,
-    seed: Option<u64>,
-    negative_prompt: Option<String>,
-    guidance_scale: Option<f64>,
-    num_inference_steps: Option<u32>,
-    scheduler: Option<String>,
-    lora_settings: Option<Vec<LoraSetting>>,
-}
-
-impl Options {
-    fn of_generation(request: ImageGenerationRequest) -> Self {
-        Options {
-            n: request.n,
-            size: request.size,
-            quality: request.quality,
-            response_format: request.response_format,
-            output_format: request.output_format,
-            output_compression: request.output_compression,
-            background: request.background,
-            stream: request.stream,
-            partial_images: request.partial_images,
-            seed: request.seed,
-            negative_prompt: request.negative_prompt,
-            guidance_scale: request.guidance_scale,
-            num_inference_steps: request.num_inference_steps,
-            scheduler: request.scheduler,
-            lora_settings: request.lora_settings,
-        }
-    }
-
-    fn of_edit(request: ImageEditRequest) -> Self {
-        Options {
-            n: request.n,
-            size: request.size,
-            quality: request.quality,
-            response_format: request.response_format,
-            output_format: request.output_format,
-            output_compression: request.output_compression,
-            background: request.background,
-            stream: request.stream,
-            partial_images: request.partial_images,
-            seed: request.seed,
-            negative_prompt: request.negative_prompt,
-            guidance_scale: request.guidance_scale,
-            num_inference_steps: request.num_inference_steps,
-            scheduler: request.scheduler,
-            lora_settings: request.lora_settings,
-        }
     }
 }
 
@@ -213,10 +160,10 @@ pub fn validate_generation(
     let purpose = Purpose {
         endpoint: Endpoint::Generations,
         task: Task::TextToImage,
-        prompt: required_prompt(request.prompt.clone())?,
+        prompt: required_prompt(request.common.prompt.clone())?,
     };
     let native = (info.native_width, info.native_height);
-    validate_options(purpose, Options::of_generation(request), info, native)
+    validate_common(purpose, request.common, info, native)
 }
 
 /// Checks an edit: `images` and `mask` already passed [`crate::uploads::inspect`].
@@ -234,7 +181,7 @@ pub fn validate_edit(
         } else {
             Task::ImageToImage
         },
-        prompt: required_prompt(request.prompt.clone())?,
+        prompt: required_prompt(request.common.prompt.clone())?,
     };
     validate_image_input(purpose, request, images, mask, info)
 }
@@ -267,6 +214,7 @@ pub fn validate_variation(
         task: Task::ImageToImage,
         // Blank counts as absent: the worker then finds a prompt for the image itself.
         prompt: request
+            .common
             .prompt
             .clone()
             .filter(|prompt| !prompt.trim().is_empty())
@@ -292,7 +240,7 @@ fn validate_image_input(
     let limits = info.limits.unwrap_or_default();
     let auto = fit_size(first.width, first.height, &limits);
     let strength = resolve_strength(request.strength, info)?;
-    let valid = validate_options(purpose, Options::of_edit(request), info, auto)?;
+    let valid = validate_common(purpose, request.common, info, auto)?;
     Ok(ValidGeneration {
         strength,
         images: images.into_iter().map(|image| image.bytes).collect(),
@@ -337,21 +285,21 @@ fn required_prompt(prompt: Option<String>) -> Result<String, ApiError> {
 }
 
 /// The checks every endpoint shares. `auto_size` is what `size: "auto"` (or no size) means.
-fn validate_options(
+fn validate_common(
     purpose: Purpose,
-    options: Options,
+    common: CommonFields,
     info: &InfoResponse,
     auto_size: (u32, u32),
 ) -> Result<ValidGeneration, ApiError> {
-    let stream = options.stream.unwrap_or(false);
+    let stream = common.stream.unwrap_or(false);
     // OpenAI streams images inline only; a url asked for would silently not come.
-    if stream && options.response_format == Some(ResponseFormat::Url) {
+    if stream && common.response_format == Some(ResponseFormat::Url) {
         return Err(ApiError::invalid(
             "response_format",
             "streamed images are sent as b64_json; omit response_format or set it to b64_json",
         ));
     }
-    let partial_images = options.partial_images.unwrap_or(0);
+    let partial_images = common.partial_images.unwrap_or(0);
     if partial_images > MAX_PARTIAL_IMAGES {
         return Err(ApiError::invalid(
             "partial_images",
@@ -360,7 +308,7 @@ fn validate_options(
             ),
         ));
     }
-    if options.background == Some(Background::Transparent) {
+    if common.background == Some(Background::Transparent) {
         return Err(ApiError::invalid(
             "background",
             "transparent backgrounds are not supported; use opaque or auto",
@@ -368,22 +316,22 @@ fn validate_options(
     }
     let limits = info.limits.unwrap_or_default();
     let max_n = info.max_n.max(1);
-    let n = options.n.unwrap_or(1);
+    let n = common.n.unwrap_or(1);
     if !(1..=max_n).contains(&n) {
         return Err(ApiError::invalid(
             "n",
             format!("n must be between 1 and {max_n}, got {n}"),
         ));
     }
-    let (width, height) = resolve_size(options.size.as_deref(), auto_size, &limits)?;
+    let (width, height) = resolve_size(common.size.as_deref(), auto_size, &limits)?;
     let (num_inference_steps, guidance_scale) = resolve_steps_and_guidance(
-        options.quality.as_deref(),
-        options.num_inference_steps,
-        options.guidance_scale,
+        common.quality.as_deref(),
+        common.num_inference_steps,
+        common.guidance_scale,
         info,
         &limits,
     )?;
-    let scheduler = match options.scheduler {
+    let scheduler = match common.scheduler {
         None => String::new(),
         Some(name) if info.schedulers.contains(&name) => name,
         Some(name) => {
@@ -396,8 +344,19 @@ fn validate_options(
             ))
         }
     };
-    let loras = resolve_loras(options.lora_settings.unwrap_or_default(), info)?;
-    if let Some(compression) = options.output_compression {
+    let loras = resolve_loras(common.lora_settings.unwrap_or_default(), info)?;
+    let max_sequence_length = match (common.max_sequence_length, limits.max_sequence_length) {
+        // CLIP-only models have a fixed window: nothing to forward.
+        (_, 0) | (None, _) => None,
+        (Some(length), limit) if (1..=limit).contains(&length) => Some(length),
+        (Some(length), limit) => {
+            return Err(ApiError::invalid(
+                "max_sequence_length",
+                format!("max_sequence_length must be between 1 and {limit}, got {length}"),
+            ))
+        }
+    };
+    if let Some(compression) = common.output_compression {
         if compression > 100 {
             return Err(ApiError::invalid(
                 "output_compression",
@@ -409,30 +368,43 @@ fn validate_options(
         endpoint: purpose.endpoint,
         task: purpose.task,
         prompt: purpose.prompt,
-        negative_prompt: options.negative_prompt.unwrap_or_default(),
+        negative_prompt: common.negative_prompt,
         n,
         width,
         height,
-        seed: options.seed,
+        seed: common.seed,
         num_inference_steps,
         guidance_scale,
         scheduler,
         loras,
+        max_sequence_length,
         response_format: if stream {
             ResponseFormat::B64Json
         } else {
-            options.response_format.unwrap_or_default()
+            common
+                .response_format
+                .unwrap_or_else(|| default_response_format(common.model.as_deref()))
         },
-        output_format: options.output_format.unwrap_or_default(),
-        output_compression: options.output_compression,
-        quality: options.quality.unwrap_or_else(|| "auto".to_string()),
-        background: options.background.unwrap_or(Background::Auto),
+        output_format: common.output_format.unwrap_or_default(),
+        output_compression: common.output_compression,
+        quality: common.quality.unwrap_or_else(|| "auto".to_string()),
+        background: common.background.unwrap_or(Background::Auto),
         stream,
         partial_images: if stream { partial_images } else { 0 },
+        stream_progress: stream && common.stream_progress.unwrap_or(false),
         strength: None,
         images: Vec::new(),
         mask: None,
     })
+}
+
+/// OpenAI's gpt-image models always answer inline, and clients written for them (LibreChat, n8n)
+/// read `b64_json` without asking for it; every other model defaults to `url`, as OpenAI's do.
+fn default_response_format(model: Option<&str>) -> ResponseFormat {
+    match model {
+        Some(name) if name.starts_with("gpt-image") => ResponseFormat::B64Json,
+        _ => ResponseFormat::Url,
+    }
 }
 
 /// `size` → (width, height); see the module docs for the rules.
@@ -471,6 +443,26 @@ fn resolve_size(
     Ok((width, height))
 }
 
+/// The limits requests are checked against: the worker's, with the fallbacks where it reports
+/// 0. `/v1/models` reports these, so a UI offers what will be accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EffectiveLimits {
+    pub size_multiple: u32,
+    pub max_pixels: u64,
+    pub max_steps: u32,
+}
+
+impl EffectiveLimits {
+    pub fn of(info: &InfoResponse) -> Self {
+        let limits = info.limits.unwrap_or_default();
+        EffectiveLimits {
+            size_multiple: size_multiple(&limits),
+            max_pixels: max_pixels(&limits),
+            max_steps: max_steps(&limits),
+        }
+    }
+}
+
 fn size_multiple(limits: &Limits) -> u32 {
     limits.size_multiple.max(MIN_SIZE_MULTIPLE)
 }
@@ -478,6 +470,13 @@ fn size_multiple(limits: &Limits) -> u32 {
 fn max_pixels(limits: &Limits) -> u64 {
     match limits.max_pixels {
         0 => FALLBACK_MAX_PIXELS,
+        max => max,
+    }
+}
+
+fn max_steps(limits: &Limits) -> u32 {
+    match limits.max_steps {
+        0 => FALLBACK_MAX_STEPS,
         max => max,
     }
 }
@@ -568,7 +567,12 @@ fn resolve_steps_and_guidance(
             None if OPENAI_QUALITIES.contains(&name) => defaults,
             None => {
                 let mut known: Vec<&str> = info.presets.iter().map(|p| p.name.as_str()).collect();
-                known.extend(OPENAI_QUALITIES);
+                // A preset may carry an OpenAI name (`hd`, `standard`): list each name once.
+                for name in OPENAI_QUALITIES {
+                    if !known.contains(name) {
+                        known.push(name);
+                    }
+                }
                 return Err(ApiError::invalid(
                     "quality",
                     format!("unknown quality '{name}'; available: {}", known.join(", ")),
@@ -576,10 +580,7 @@ fn resolve_steps_and_guidance(
             }
         },
     };
-    let max_steps = match limits.max_steps {
-        0 => FALLBACK_MAX_STEPS,
-        max => max,
-    };
+    let max_steps = max_steps(limits);
     if let Some(steps) = steps {
         if !(1..=max_steps).contains(&steps) {
             return Err(ApiError::invalid(
@@ -684,9 +685,29 @@ mod tests {
 
     fn request(prompt: &str) -> ImageGenerationRequest {
         ImageGenerationRequest {
-            prompt: Some(prompt.into()),
+            common: CommonFields {
+                prompt: Some(prompt.into()),
+                ..Default::default()
+            },
             ..Default::default()
         }
+    }
+
+    /// `request` with some of its shared fields changed.
+    fn tweak(
+        mut request: ImageGenerationRequest,
+        change: impl FnOnce(&mut CommonFields),
+    ) -> ImageGenerationRequest {
+        change(&mut request.common);
+        request
+    }
+
+    fn tweak_edit(
+        mut request: ImageEditRequest,
+        change: impl FnOnce(&mut CommonFields),
+    ) -> ImageEditRequest {
+        change(&mut request.common);
+        request
     }
 
     fn param_of<T: std::fmt::Debug>(result: Result<T, ApiError>) -> String {
@@ -729,26 +750,23 @@ mod tests {
     #[test]
     fn n_is_bounded_by_max_n() {
         for n in [0, 5] {
-            let r = ImageGenerationRequest {
-                n: Some(n),
-                ..request("x")
-            };
+            let r = tweak(request("x"), |c| {
+                c.n = Some(n);
+            });
             assert_eq!(param_of(validate_generation(r, &info())), "n");
         }
-        let r = ImageGenerationRequest {
-            n: Some(4),
-            ..request("x")
-        };
+        let r = tweak(request("x"), |c| {
+            c.n = Some(4);
+        });
         assert_eq!(validate_generation(r, &info()).map(|v| v.n).ok(), Some(4));
     }
 
     #[test]
     fn size_rules() {
         let size = |s: &str| {
-            let r = ImageGenerationRequest {
-                size: Some(s.into()),
-                ..request("x")
-            };
+            let r = tweak(request("x"), |c| {
+                c.size = Some(s.into());
+            });
             validate_generation(r, &info()).map(|v| (v.width, v.height))
         };
         assert_eq!(size("640x384").ok(), Some((640, 384)));
@@ -776,20 +794,18 @@ mod tests {
             size_multiple: 16,
             ..info.limits.unwrap_or_default()
         });
-        let r = ImageGenerationRequest {
-            size: Some("520x512".into()),
-            ..request("x")
-        };
+        let r = tweak(request("x"), |c| {
+            c.size = Some("520x512".into());
+        });
         assert_eq!(param_of(validate_generation(r, &info)), "size");
     }
 
     #[test]
     fn quality_presets_and_openai_fallback() {
         let quality = |q: &str| {
-            let r = ImageGenerationRequest {
-                quality: Some(q.into()),
-                ..request("x")
-            };
+            let r = tweak(request("x"), |c| {
+                c.quality = Some(q.into());
+            });
             validate_generation(r, &info())
         };
         let hd = quality("hd").expect("preset");
@@ -801,7 +817,7 @@ mod tests {
         let fast = quality("fast").expect("preset");
         assert_eq!(fast.num_inference_steps, Some(4));
         // OpenAI names without a preset of that name fall back to the global defaults.
-        for name in ["standard", "low", "medium", "high", "auto"] {
+        for name in ["standard", "low", "medium", "high", "xhigh", "max", "auto"] {
             let v = quality(name).expect("openai quality");
             assert_eq!(
                 (v.num_inference_steps, v.guidance_scale),
@@ -809,25 +825,36 @@ mod tests {
             );
         }
         assert_eq!(param_of(quality("ultra")), "quality");
+        // The preset named `hd` is an OpenAI name too: listed once.
+        match quality("ultra") {
+            Err(ApiError::InvalidRequest { message, .. }) => {
+                let listed = message.split("available: ").nth(1).unwrap_or_default();
+                let names: Vec<&str> = listed.split(", ").collect();
+                assert_eq!(
+                    names,
+                    ["hd", "fast", "standard", "low", "medium", "high", "xhigh", "max", "auto"],
+                    "{message}"
+                );
+            }
+            other => panic!("expected a 400, got {other:?}"),
+        }
         assert_eq!(param_of(quality("HD")), "quality");
     }
 
     #[test]
     fn overrides_apply_on_their_own() {
-        let r = ImageGenerationRequest {
-            quality: Some("hd".into()),
-            num_inference_steps: Some(10),
-            ..request("x")
-        };
+        let r = tweak(request("x"), |c| {
+            c.quality = Some("hd".into());
+            c.num_inference_steps = Some(10);
+        });
         let v = validate_generation(r, &info()).expect("valid");
         assert_eq!(
             (v.num_inference_steps, v.guidance_scale),
             (Some(10), Some(5.0))
         );
-        let r = ImageGenerationRequest {
-            guidance_scale: Some(2.5),
-            ..request("x")
-        };
+        let r = tweak(request("x"), |c| {
+            c.guidance_scale = Some(2.5);
+        });
         let v = validate_generation(r, &info()).expect("valid");
         assert_eq!(
             (v.num_inference_steps, v.guidance_scale),
@@ -838,82 +865,94 @@ mod tests {
     #[test]
     fn steps_and_guidance_bounds() {
         for steps in [0, 101] {
-            let r = ImageGenerationRequest {
-                num_inference_steps: Some(steps),
-                ..request("x")
-            };
+            let r = tweak(request("x"), |c| {
+                c.num_inference_steps = Some(steps);
+            });
             assert_eq!(
                 param_of(validate_generation(r, &info())),
                 "num_inference_steps"
             );
         }
         for guidance in [-0.5, 1e300, f64::NAN] {
-            let r = ImageGenerationRequest {
-                guidance_scale: Some(guidance),
-                ..request("x")
-            };
+            let r = tweak(request("x"), |c| {
+                c.guidance_scale = Some(guidance);
+            });
             assert_eq!(param_of(validate_generation(r, &info())), "guidance_scale");
         }
     }
 
     #[test]
     fn scheduler_and_loras_must_be_known() {
-        let r = ImageGenerationRequest {
-            scheduler: Some("lms".into()),
-            ..request("x")
-        };
+        let r = tweak(request("x"), |c| {
+            c.scheduler = Some("lms".into());
+        });
         assert_eq!(param_of(validate_generation(r, &info())), "scheduler");
-        let r = ImageGenerationRequest {
-            scheduler: Some("euler".into()),
-            lora_settings: Some(vec![crate::openai::LoraSetting {
+        let r = tweak(request("x"), |c| {
+            c.scheduler = Some("euler".into());
+            c.lora_settings = Some(vec![crate::openai::LoraSetting {
                 name: "style".into(),
                 weight: 0.5,
-            }]),
-            ..request("x")
-        };
+            }]);
+        });
         let v = validate_generation(r, &info()).expect("valid");
         assert_eq!(v.scheduler, "euler");
         assert_eq!(v.loras, vec![("style".to_string(), 0.5)]);
-        let r = ImageGenerationRequest {
-            lora_settings: Some(vec![crate::openai::LoraSetting {
+        let r = tweak(request("x"), |c| {
+            c.lora_settings = Some(vec![crate::openai::LoraSetting {
                 name: "other".into(),
                 weight: 1.0,
-            }]),
-            ..request("x")
-        };
+            }]);
+        });
         assert_eq!(param_of(validate_generation(r, &info())), "lora_settings");
+    }
+
+    #[test]
+    fn max_sequence_length_is_checked_against_the_models_limit() {
+        let with = |length: u32| tweak(request("x"), |c| c.max_sequence_length = Some(length));
+        // A CLIP-only model ignores it.
+        let v = validate_generation(with(4096), &info()).expect("ignored");
+        assert_eq!(v.max_sequence_length, None);
+        let mut flux = info();
+        if let Some(limits) = flux.limits.as_mut() {
+            limits.max_sequence_length = 512;
+        }
+        let v = validate_generation(with(256), &flux).expect("within the limit");
+        assert_eq!(v.max_sequence_length, Some(256));
+        assert_eq!(v.to_proto("r").max_sequence_length, Some(256));
+        for bad in [0, 513] {
+            assert_eq!(
+                param_of(validate_generation(with(bad), &flux)),
+                "max_sequence_length"
+            );
+        }
     }
 
     #[test]
     fn openai_only_fields() {
         let cases = [
             (
-                ImageGenerationRequest {
-                    background: Some(Background::Transparent),
-                    ..request("x")
-                },
+                tweak(request("x"), |c| {
+                    c.background = Some(Background::Transparent);
+                }),
                 "background",
             ),
             (
-                ImageGenerationRequest {
-                    stream: Some(true),
-                    response_format: Some(ResponseFormat::Url),
-                    ..request("x")
-                },
+                tweak(request("x"), |c| {
+                    c.stream = Some(true);
+                    c.response_format = Some(ResponseFormat::Url);
+                }),
                 "response_format",
             ),
             (
-                ImageGenerationRequest {
-                    partial_images: Some(4),
-                    ..request("x")
-                },
+                tweak(request("x"), |c| {
+                    c.partial_images = Some(4);
+                }),
                 "partial_images",
             ),
             (
-                ImageGenerationRequest {
-                    output_compression: Some(101),
-                    ..request("x")
-                },
+                tweak(request("x"), |c| {
+                    c.output_compression = Some(101);
+                }),
                 "output_compression",
             ),
             (
@@ -928,49 +967,119 @@ mod tests {
             assert_eq!(param_of(validate_generation(r, &info())), param);
         }
         let ok = ImageGenerationRequest {
-            background: Some(Background::Opaque),
             moderation: Some("low".into()),
-            stream: Some(false),
             style: Some("natural".into()),
-            output_compression: Some(100),
-            ..request("x")
+            ..tweak(request("x"), |c| {
+                c.background = Some(Background::Opaque);
+                c.stream = Some(false);
+                c.output_compression = Some(100);
+            })
         };
         assert!(validate_generation(ok, &info()).is_ok());
     }
 
     #[test]
     fn streaming_inlines_images_and_asks_for_previews() {
-        let r = ImageGenerationRequest {
-            stream: Some(true),
-            partial_images: Some(3),
-            ..request("x")
-        };
+        let r = tweak(request("x"), |c| {
+            c.stream = Some(true);
+            c.partial_images = Some(3);
+        });
         let valid = validate_generation(r, &info()).expect("valid");
         assert!(valid.stream);
         assert_eq!(valid.response_format, ResponseFormat::B64Json);
         assert_eq!(valid.to_proto("r").partial_images, 3);
         assert_eq!(valid.background, Background::Auto);
         // Without stream the previews are accepted (as OpenAI does) but not asked for.
-        let r = ImageGenerationRequest {
-            partial_images: Some(2),
-            background: Some(Background::Opaque),
-            ..request("x")
-        };
+        let r = tweak(request("x"), |c| {
+            c.partial_images = Some(2);
+            c.background = Some(Background::Opaque);
+        });
         let valid = validate_generation(r, &info()).expect("valid");
         assert!(!valid.stream);
         assert_eq!(valid.response_format, ResponseFormat::Url);
         assert_eq!(valid.to_proto("r").partial_images, 0);
         assert_eq!(valid.background, Background::Opaque);
         // Edits share the rules.
-        let r = ImageEditRequest {
-            stream: Some(true),
-            partial_images: Some(4),
-            ..edit("x")
-        };
+        let r = tweak_edit(edit("x"), |c| {
+            c.stream = Some(true);
+            c.partial_images = Some(4);
+        });
         assert_eq!(
             param_of(validate_edit(r, vec![input(8, 8)], None, &info())),
             "partial_images"
         );
+    }
+
+    #[test]
+    fn gpt_image_model_names_default_to_b64_json() {
+        let format = |model: Option<&str>, asked: Option<ResponseFormat>| {
+            let r = tweak(request("x"), |c| {
+                c.model = model.map(str::to_string);
+                c.response_format = asked;
+            });
+            validate_generation(r, &info()).map(|v| v.response_format)
+        };
+        for model in ["gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5"] {
+            assert_eq!(
+                format(Some(model), None).ok(),
+                Some(ResponseFormat::B64Json)
+            );
+            // Asked for explicitly, a url is still a url.
+            assert_eq!(
+                format(Some(model), Some(ResponseFormat::Url)).ok(),
+                Some(ResponseFormat::Url)
+            );
+        }
+        for model in [None, Some("dall-e-2"), Some("tiny-sd")] {
+            assert_eq!(
+                format(model, None).ok(),
+                Some(ResponseFormat::Url),
+                "{model:?}"
+            );
+        }
+        let r = tweak_edit(edit("x"), |c| c.model = Some("gpt-image-1".into()));
+        let valid = validate_edit(r, vec![input(8, 8)], None, &info()).expect("valid");
+        assert_eq!(valid.response_format, ResponseFormat::B64Json);
+    }
+
+    #[test]
+    fn openai_values_accepted_and_ignored() {
+        let r = ImageGenerationRequest {
+            moderation: Some("low".into()),
+            ..tweak(request("x"), |c| {
+                c.safety_identifier = Some("user-1234".into());
+                c.complexity = Some(serde_json::json!("high"));
+                c.user = Some("someone".into());
+            })
+        };
+        let with = validate_generation(r, &info()).expect("valid");
+        let without = validate_generation(request("x"), &info()).expect("valid");
+        assert_eq!(with, without);
+        let r = ImageEditRequest {
+            input_fidelity: Some("high".into()),
+            ..tweak_edit(edit("x"), |c| {
+                c.complexity = Some(serde_json::json!({"a": 1}))
+            })
+        };
+        let with = validate_edit(r, vec![input(8, 8)], None, &info()).expect("valid");
+        let without = validate_edit(edit("x"), vec![input(8, 8)], None, &info()).expect("valid");
+        assert_eq!(with, without);
+    }
+
+    #[test]
+    fn progress_events_only_when_streaming() {
+        let progress = |stream: bool| {
+            let r = tweak(request("x"), |c| {
+                c.stream = Some(stream);
+                c.stream_progress = Some(true);
+            });
+            validate_generation(r, &info()).map(|v| v.stream_progress)
+        };
+        assert_eq!(progress(true).ok(), Some(true));
+        assert_eq!(progress(false).ok(), Some(false));
+        assert!(!validate_generation(request("x"), &info())
+            .map(|v| v.stream_progress)
+            .unwrap_or(true));
     }
 
     #[test]
@@ -993,7 +1102,10 @@ mod tests {
 
     fn edit(prompt: &str) -> ImageEditRequest {
         ImageEditRequest {
-            prompt: Some(prompt.into()),
+            common: CommonFields {
+                prompt: Some(prompt.into()),
+                ..Default::default()
+            },
             ..Default::default()
         }
     }
@@ -1031,8 +1143,9 @@ mod tests {
 
         let r = ImageEditRequest {
             strength: Some(0.25),
-            size: Some("128x64".into()),
-            ..edit("a hat")
+            ..tweak_edit(edit("a hat"), |c| {
+                c.size = Some("128x64".into());
+            })
         };
         let valid = validate_edit(r, vec![input(64, 48)], None, &info()).expect("valid");
         assert_eq!(valid.task, Task::ImageToImage);
@@ -1068,10 +1181,9 @@ mod tests {
         };
         assert!(validate_edit(r, vec![input(8, 8)], None, &info()).is_ok());
         // The shared rules apply to edits too.
-        let r = ImageEditRequest {
-            n: Some(9),
-            ..edit("x")
-        };
+        let r = tweak_edit(edit("x"), |c| {
+            c.n = Some(9);
+        });
         assert_eq!(
             param_of(validate_edit(r, vec![input(8, 8)], None, &info())),
             "n"
@@ -1146,10 +1258,9 @@ mod tests {
         });
         let valid = validate_edit(edit("x"), vec![input(100, 61)], None, &info).expect("valid");
         assert_eq!((valid.width, valid.height), (96, 64));
-        let r = ImageEditRequest {
-            size: Some("auto".into()),
-            ..edit("x")
-        };
+        let r = tweak_edit(edit("x"), |c| {
+            c.size = Some("auto".into());
+        });
         let valid = validate_edit(r, vec![input(300, 200)], None, &info).expect("valid");
         assert!(valid.width * valid.height <= 65536);
         assert_eq!((valid.width % 16, valid.height % 16), (0, 0));

@@ -232,7 +232,7 @@ async fn accepted_openai_fields_and_unknown_fields_pass() {
         .await;
     assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
     let sent = app.pool.last_request();
-    assert_eq!(sent.negative_prompt, "blurry");
+    assert_eq!(sent.negative_prompt.as_deref(), Some("blurry"));
     assert_eq!(sent.scheduler, "euler");
 }
 
@@ -369,11 +369,44 @@ async fn health_ready_and_models() {
 
     let reply = app.call("GET", "/v1/models", None).await;
     assert_eq!(reply.status, StatusCode::OK);
+    // OpenAI's four fields, then what the worker reported (tiny_info), limits as enforced.
     assert_eq!(
         reply.json(),
-        serde_json::json!({"object": "list", "data": [
-            {"id": "tiny-sd", "object": "model", "created": 1_700_000_000, "owned_by": "fastfusion"}
-        ]})
+        serde_json::json!({"object": "list", "data": [{
+            "id": "tiny-sd", "object": "model", "created": 1_700_000_000, "owned_by": "fastfusion",
+            "loaded": false,
+            "endpoints": ["generations", "edits", "variations"],
+            "native_size": "512x512", "size_multiple": 8, "max_pixels": 1024 * 1024,
+            "max_n": 3, "max_steps": 150,
+            "schedulers": ["pndm", "euler"], "default_scheduler": "pndm",
+            "default_num_inference_steps": 20, "default_guidance_scale": 7.5,
+            "default_strength": 0.8,
+            "presets": [{"name": "hd", "guidance_scale": 5.0, "num_inference_steps": 50}],
+            "loras": []
+        }]})
+    );
+    let mut with_loras = FakePool::new(Behaviour::Succeed);
+    let mut info = (*with_loras.info).clone();
+    info.loras = vec!["ink".into(), "watercolour".into()];
+    info.endpoints = vec![fastfusion_proto::Endpoint::Generations as i32];
+    info.limits = None;
+    with_loras.info = Arc::new(info);
+    let app = app_with(Arc::new(with_loras), None, 1024);
+    let entry = &app.call("GET", "/v1/models", None).await.json()["data"][0];
+    assert_eq!(entry["loras"], serde_json::json!(["ink", "watercolour"]));
+    assert_eq!(entry["endpoints"], serde_json::json!(["generations"]));
+    // No limits reported: the fallbacks validation applies.
+    assert_eq!(
+        (
+            &entry["size_multiple"],
+            &entry["max_pixels"],
+            &entry["max_steps"]
+        ),
+        (
+            &serde_json::json!(8),
+            &serde_json::json!(2048 * 2048),
+            &serde_json::json!(500)
+        )
     );
 
     let mut loading = FakePool::new(Behaviour::Succeed);

@@ -96,7 +96,7 @@ async fn every_edit_field_reaches_the_worker() {
     assert_eq!(sent.guidance_scale, Some(3.5));
     assert_eq!(sent.num_inference_steps, Some(7));
     assert_eq!(sent.seed, Some(42));
-    assert_eq!(sent.negative_prompt, "blurry");
+    assert_eq!(sent.negative_prompt.as_deref(), Some("blurry"));
     assert_eq!(sent.scheduler, "euler");
     assert_eq!(sent.loras.len(), 1);
     assert_eq!(

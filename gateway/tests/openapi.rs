@@ -58,7 +58,7 @@ fn document_covers_the_api() {
         assert!(paths[path][method].is_object(), "{method} {path} missing");
     }
     let schemas = &doc["components"]["schemas"];
-    let generation = &schemas["ImageGenerationRequest"]["properties"];
+    let generation = properties(schemas, "ImageGenerationRequest");
     for field in [
         "prompt",
         "seed",
@@ -71,7 +71,13 @@ fn document_covers_the_api() {
     ] {
         assert!(generation[field].is_object(), "generations field {field}");
     }
-    assert!(schemas["ImageEditRequest"]["properties"]["strength"].is_object());
+    let edit = properties(schemas, "ImageEditRequest");
+    for field in ["strength", "prompt", "seed", "input_fidelity", "markup"] {
+        assert!(edit[field].is_object(), "edits field {field}");
+    }
+    for field in ["safety_identifier", "complexity", "stream_progress"] {
+        assert!(generation[field].is_object(), "generations field {field}");
+    }
     let edit_body = &paths["/v1/images/edits"]["post"]["requestBody"]["content"];
     assert!(edit_body["multipart/form-data"].is_object());
     assert!(edit_body["application/json"].is_object());
@@ -85,6 +91,30 @@ fn document_covers_the_api() {
             "status {status}"
         );
     }
+}
+
+/// The properties of schema `name`, those of its `allOf` parts included (flattened structs
+/// become an `allOf` of a reference and the struct's own fields).
+fn properties(
+    schemas: &serde_json::Value,
+    name: &str,
+) -> serde_json::Map<String, serde_json::Value> {
+    let schema = &schemas[name];
+    let mut found = schema["properties"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    for part in schema["allOf"].as_array().into_iter().flatten() {
+        let part = match part["$ref"].as_str() {
+            Some(reference) => {
+                let target = reference.trim_start_matches("#/components/schemas/");
+                properties(schemas, target)
+            }
+            None => part["properties"].as_object().cloned().unwrap_or_default(),
+        };
+        found.extend(part);
+    }
+    found
 }
 
 #[tokio::test]

@@ -116,6 +116,47 @@ async fn generation_streams_partial_images_then_the_completed_image() {
 }
 
 #[tokio::test]
+async fn stream_progress_adds_queue_and_step_events() {
+    let app = app(Behaviour::Succeed);
+    let reply = app
+        .generate(
+            r#"{"prompt":"a cat","stream":true,"stream_progress":true,"partial_images":1,
+                "seed":7,"num_inference_steps":12}"#,
+        )
+        .await;
+    let events = parse_events(&reply);
+    let kinds: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "fastfusion.progress",
+            "fastfusion.progress",
+            "fastfusion.progress",
+            "image_generation.partial_image",
+            "image_generation.completed"
+        ]
+    );
+    let progress: Vec<&Value> = events[..3].iter().map(|e| &e.data).collect();
+    assert_eq!(
+        progress,
+        [
+            &serde_json::json!({"type": "fastfusion.progress", "stage": "queued", "position": 0}),
+            &serde_json::json!({"type": "fastfusion.progress", "stage": "started", "total": 12,
+                                "seed": 7}),
+            &serde_json::json!({"type": "fastfusion.progress", "stage": "denoising", "step": 1,
+                                "total": 1}),
+        ]
+    );
+    // Without the flag, a stream carries only OpenAI's events.
+    let reply = app
+        .generate(r#"{"prompt":"a cat","stream":true,"partial_images":1}"#)
+        .await;
+    assert!(parse_events(&reply)
+        .iter()
+        .all(|e| e.event.starts_with("image_generation.")));
+}
+
+#[tokio::test]
 async fn each_of_n_images_gets_a_completed_event() {
     let app = app(Behaviour::Succeed);
     let reply = app

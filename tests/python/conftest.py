@@ -64,19 +64,19 @@ class Gateway:
         return "\n".join(self.lines)
 
 
-def _binary():
+def _binary(name="fastfusion-gateway"):
     bin_dir = Path(os.environ.get("FASTFUSION_BIN_DIR", REPO / "target" / "debug"))
     if not bin_dir.is_absolute():
         bin_dir = REPO / bin_dir
-    path = bin_dir / "fastfusion-gateway"
+    path = bin_dir / name
     if not path.exists():
-        pytest.fail(f"{path} is not built; run `cargo build -p fastfusion-gateway` first")
+        pytest.fail(f"{path} is not built; run `cargo build -p {name}` first")
     return path
 
 
-def _tiny_config(directory):
+def _tiny_config(directory, name="tiny-sd"):
     config = {
-        "name": "tiny-sd",
+        "name": name,
         "pipeline": {
             "hf_model_id": str(REPO / "tests/fixtures/models/tiny-sd15"),
             "max_n": 3,
@@ -104,16 +104,15 @@ def _tiny_config(directory):
             "hd": {"guidance_scale": 5.0, "num_inference_steps": 4},
         },
     }
-    path = Path(directory) / "model_config.json"
+    path = Path(directory) / f"{name}.json"
     path.write_text(json.dumps(config, indent=2))
     return path
 
 
-def _pump(stream, lines, found):
+def _pump(stream, lines, found, marker="listening on http://"):
     for raw in iter(stream.readline, b""):
         line = raw.decode("utf-8", "replace").rstrip()
         lines.append(line)
-        marker = "listening on http://"
         if marker in line:
             found.put(line.split(marker, 1)[1].split()[0])
 
@@ -173,6 +172,27 @@ def start_gateway(env, wait_ready=True):
             pytest.fail("gateway never became ready:\n" + gw.output())
         time.sleep(0.2)
     return gw
+
+
+def start_worker(config, env):
+    """Starts a standalone ``fastfusion-worker serve`` on a free port; returns (process,
+    ``host:port``). Stop it with ``stop_gateway``."""
+    process = subprocess.Popen(
+        [str(_binary("fastfusion-worker")), "serve", "--config", str(config), "--listen", "127.0.0.1:0"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    lines, found = [], queue.Queue()
+    threading.Thread(
+        target=_pump, args=(process.stdout, lines, found, "listening on "), daemon=True
+    ).start()
+    try:
+        return process, found.get(timeout=START_TIMEOUT_S)
+    except queue.Empty:
+        stop_gateway(process)
+        pytest.fail("worker printed no 'listening on' line:\n" + "\n".join(lines))
 
 
 def stop_gateway(process):

@@ -10,9 +10,9 @@ use axum::http::{HeaderMap, Uri};
 use axum::response::Response;
 use fastfusion_proto::Endpoint;
 
-use crate::app::AppState;
 use crate::error::ApiError;
 use crate::routes::run;
+use crate::state::AppState;
 use crate::validation::validate_edit;
 
 #[utoipa::path(

@@ -8,11 +8,11 @@ use axum::extract::State;
 use axum::http::{HeaderMap, Uri};
 use axum::response::Response;
 
-use crate::app::AppState;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
 use crate::openai::ImageGenerationRequest;
 use crate::routes::run;
+use crate::state::AppState;
 use crate::validation::validate_generation;
 
 #[utoipa::path(
@@ -36,7 +36,7 @@ pub async fn create_image(
     uri: Uri,
     ApiJson(body): ApiJson<ImageGenerationRequest>,
 ) -> Result<Response, ApiError> {
-    let info = state.workers.info(body.model.as_deref()).await?;
+    let info = state.workers.info(body.common.model.as_deref()).await?;
     let valid = validate_generation(body, &info)?;
     run::generate(&state, &headers, &uri, &info, valid).await
 }

@@ -10,9 +10,9 @@ use axum::extract::{Path, Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 
-use crate::app::AppState;
 use crate::error::ApiError;
 use crate::image_urls::Signature;
+use crate::state::AppState;
 
 #[utoipa::path(
     get,

@@ -10,6 +10,7 @@
 //! images.rs       GET  /v1/images/data/{id}     stored images for response_format=url
 //! models.rs       GET  /v1/models               OpenAI's model list
 //! probes.rs       GET  /health, /ready          liveness and worker readiness
+//! playground.rs   GET  /, /playground           the web playground (page, script, styles)
 //! ```
 //! Unknown routes and methods are answered here too, in the same error shape.
 
@@ -17,6 +18,7 @@ pub mod edits;
 pub mod generations;
 pub mod images;
 pub mod models;
+pub mod playground;
 pub mod probes;
 pub mod run;
 pub mod stream;

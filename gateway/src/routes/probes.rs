@@ -5,8 +5,8 @@ use axum::extract::State;
 use axum::Json;
 use serde_json::{json, Value};
 
-use crate::app::AppState;
 use crate::error::ApiError;
+use crate::state::AppState;
 
 #[utoipa::path(
     get,
@@ -31,9 +31,6 @@ pub async fn ready(State(state): State<AppState>) -> Result<Json<Value>, ApiErro
     if state.workers.ready().await {
         Ok(Json(json!({ "status": "ready" })))
     } else {
-        Err(ApiError::Unavailable(
-            "no worker for the default model is serving yet (still loading or unreachable)"
-                .to_string(),
-        ))
+        Err(ApiError::Unavailable(state.workers.unready_reason().await))
     }
 }

@@ -20,12 +20,12 @@ use fastfusion_proto::generate_event::Event;
 use fastfusion_proto::{Endpoint, InfoResponse};
 use futures::StreamExt;
 
-use crate::app::AppState;
 use crate::error::ApiError;
 use crate::form::ImageForm;
 use crate::openai::{ImageData, ImageEditRequest, ImagesResponse, OutputFormat, ResponseFormat};
 use crate::public_url::public_base_url;
 use crate::routes::stream;
+use crate::state::AppState;
 use crate::uploads::{inspect, InputImage, Upload};
 use crate::validation::{endpoint_disabled, ValidGeneration};
 use crate::workers::EventStream;
@@ -33,7 +33,7 @@ use crate::workers::EventStream;
 /// The request id the middleware set (or the client sent).
 pub fn request_id(headers: &HeaderMap) -> String {
     headers
-        .get(crate::app::REQUEST_ID_HEADER)
+        .get(crate::telemetry::REQUEST_ID_HEADER)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string()
@@ -83,7 +83,7 @@ pub async fn image_task(
         images,
         mask,
     } = ImageForm::from_request(request, state).await?;
-    let info = state.workers.info(fields.model.as_deref()).await?;
+    let info = state.workers.info(fields.common.model.as_deref()).await?;
     let (images, mask) = inspect_uploads(images, mask, state.http.max_input_pixels).await?;
     let valid = validate(fields, images, mask, &info)?;
     generate(state, headers, uri, &info, valid).await

@@ -3,8 +3,8 @@
 //!
 //! ```text
 //! worker event      SSE sent (event: NAME, data: JSON)
-//! Queued/Started    nothing (logged)
-//! Progress          nothing (logged)
+//! Queued/Started    nothing (logged); fastfusion.progress with `stream_progress`
+//! Progress          nothing (logged); fastfusion.progress with `stream_progress`
 //! PartialImage      image_generation.partial_image | image_edit.partial_image
 //! Image             image_generation.completed     | image_edit.completed   (one per image of n)
 //! Done              the stream ends
@@ -32,10 +32,12 @@ use futures::stream::{self, BoxStream, StreamExt};
 use serde_json::Value;
 use tokio::time::Instant;
 
-use crate::app::AppState;
 use crate::error::ApiError;
-use crate::openai::{ImageStreamEvent, ImageUsage, OutputFormat, StreamEventType};
+use crate::openai::{
+    ImageProgressEvent, ImageStreamEvent, ImageUsage, OutputFormat, ProgressStage, StreamEventType,
+};
 use crate::routes::run::unix_now;
+use crate::state::AppState;
 use crate::validation::ValidGeneration;
 use crate::workers::EventStream;
 
@@ -137,7 +139,10 @@ impl Relay {
         match event.event {
             Some(Event::Queued(queued)) => {
                 tracing::debug!(position = queued.position, "queued");
-                Ok(None)
+                self.progress(ImageProgressEvent {
+                    position: Some(queued.position),
+                    ..progress_event(ProgressStage::Queued)
+                })
             }
             Some(Event::Started(started)) => {
                 tracing::debug!(
@@ -146,11 +151,19 @@ impl Relay {
                     batch = started.batch_size,
                     "started"
                 );
-                Ok(None)
+                self.progress(ImageProgressEvent {
+                    total: Some(started.num_inference_steps),
+                    seed: Some(started.seed),
+                    ..progress_event(ProgressStage::Started)
+                })
             }
             Some(Event::Progress(progress)) => {
                 tracing::trace!(step = progress.step, total = progress.total, "progress");
-                Ok(None)
+                self.progress(ImageProgressEvent {
+                    step: Some(progress.step),
+                    total: Some(progress.total),
+                    ..progress_event(ProgressStage::Denoising)
+                })
             }
             Some(Event::PartialImage(image)) => {
                 let (kind, index) = (self.kind(true), image.partial_index);
@@ -186,6 +199,18 @@ impl Relay {
             }
             None => Ok(None),
         }
+    }
+
+    /// `event` when the request asked for progress events, else nothing.
+    fn progress(&self, event: ImageProgressEvent) -> Result<Option<SseEvent>, ApiError> {
+        if !self.valid.stream_progress {
+            return Ok(None);
+        }
+        SseEvent::default()
+            .event(ImageProgressEvent::NAME)
+            .json_data(&event)
+            .map(Some)
+            .map_err(|error| ApiError::Internal(format!("cannot encode a stream event: {error}")))
     }
 
     fn kind(&self, partial: bool) -> StreamEventType {
@@ -228,6 +253,18 @@ impl Relay {
             .event(kind.name())
             .json_data(&payload)
             .map_err(|error| ApiError::Internal(format!("cannot encode a stream event: {error}")))
+    }
+}
+
+/// A progress event at `stage` with no details yet.
+fn progress_event(stage: ProgressStage) -> ImageProgressEvent {
+    ImageProgressEvent {
+        kind: ImageProgressEvent::NAME.to_string(),
+        stage,
+        position: None,
+        step: None,
+        total: None,
+        seed: None,
     }
 }
 

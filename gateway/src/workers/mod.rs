@@ -59,6 +59,11 @@ pub trait WorkerPool: Send + Sync {
     ) -> Result<EventStream, ApiError>;
     /// Whether some worker for the default model answers its health check with SERVING.
     async fn ready(&self) -> bool;
+    /// Why the pool is not ready, for `/ready`'s 503: a worker's reported load failure when
+    /// there is one.
+    async fn unready_reason(&self) -> String {
+        "no worker for the default model is serving yet (still loading or unreachable)".into()
+    }
 }
 
 /// Settings of the gRPC pool.
@@ -277,6 +282,11 @@ impl WorkerPool for GrpcWorkerPool {
         let info = routing.resolve(&self.shared.known(), requested)?;
         if info.loaded {
             Ok(info)
+        } else if !info.load_error.is_empty() {
+            Err(ApiError::Unavailable(format!(
+                "model '{}' failed to load on its worker: {}",
+                info.model_id, info.load_error
+            )))
         } else {
             Err(ApiError::Unavailable(format!(
                 "model '{}' is still loading",
@@ -311,5 +321,25 @@ impl WorkerPool for GrpcWorkerPool {
             }
         }
         false
+    }
+
+    async fn unready_reason(&self) -> String {
+        let configured = self.shared.settings.routing.default_model.clone();
+        let default = configured.or_else(|| self.models().into_iter().next());
+        let failed = self.shared.replicas().into_iter().find_map(|replica| {
+            let info = replica.info()?;
+            let default_model = default.as_deref().is_none_or(|d| d == info.model_id);
+            (default_model && !info.loaded && !info.load_error.is_empty())
+                .then(|| (replica.label.clone(), info))
+        });
+        match failed {
+            Some((label, info)) => format!(
+                "model '{}' failed to load on worker {label}: {}",
+                info.model_id, info.load_error
+            ),
+            None => "no worker for the default model is serving yet (still loading or \
+                     unreachable)"
+                .into(),
+        }
     }
 }

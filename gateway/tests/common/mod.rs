@@ -119,6 +119,7 @@ pub fn tiny_info() -> InfoResponse {
             max_queue: 8,
             max_batch: 4,
             max_prompt_tokens: 77,
+            max_sequence_length: 0,
         }),
         defaults: Some(Defaults {
             guidance_scale: 7.5,
