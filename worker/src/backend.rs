@@ -1,8 +1,7 @@
 //! Which pipeline serves a model, behind one object-safe seam for the engine.
 //!
-//! The engine only sees [`Backend`]; this module picks the implementation from the model's
-//! files (today: the Stable Diffusion 1.x/2.x family; SDXL and FLUX slot in here by
-//! `model_index.json`'s `_class_name`). Every task takes the shared generation parameters
+//! The engine only sees [`Backend`]; [`load`] gives it a [`Pipeline`], which picks the family
+//! (SD 1.x/2.x, SDXL, FLUX) from the model's `model_index.json` and configs. Every task takes the shared generation parameters
 //! ([`TextToImage`]); image-to-image and inpainting add their input, already decoded and at the
 //! output size (see `crate::inputs`). [`Backend::generate`] runs a batch of compatible requests
 //! (the engine's dynamic batching); a backend that cannot share forward passes runs them one
@@ -14,10 +13,11 @@ use fastfusion_proto::ModelFamily;
 use image::{GrayImage, RgbImage};
 
 use crate::error::Result;
-use crate::pipelines::stable_diffusion::{
-    BatchEntry, Family, Input, LoadOptions, Progress, StableDiffusion, TextToImage,
+use crate::error::WorkerError;
+use crate::pipelines::{
+    BatchEntry, Family, Input, LoadOptions, Pipeline, Progress, StrengthRule, TextToImage,
 };
-use crate::schedulers::{SchedulerConfig, SchedulerKind};
+use crate::schedulers::{ScheduleContext, SchedulerConfig, SchedulerKind};
 
 /// What the loaded model is and what it accepts; reported through `Info`.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,6 +33,25 @@ pub struct ModelDescription {
     pub default_scheduler: SchedulerKind,
     /// An inpainting model (its UNet also takes the mask): it cannot do text-to-image.
     pub inpainting_model: bool,
+    /// FLUX: the most T5 tokens a request may ask for; 0 for models without T5.
+    pub max_sequence_length: u32,
+    /// FLUX: pixels per packed latent token side (the schedule's shift depends on the token
+    /// count `(width / m)·(height / m)`); 0 for models whose schedule does not.
+    pub image_seq_multiple: u32,
+    /// How an image task's strength picks its first step.
+    pub strength_rule: StrengthRule,
+    /// Variations run through a FLUX Redux prior.
+    pub redux: bool,
+}
+
+impl ModelDescription {
+    /// What a request's schedule may depend on besides the step count.
+    pub fn schedule_context(&self, width: u32, height: u32) -> ScheduleContext {
+        let m = self.image_seq_multiple;
+        ScheduleContext {
+            image_seq_len: (m > 0).then(|| ((width / m) * (height / m)) as usize),
+        }
+    }
 }
 
 /// A loaded model that can make images. Runs on the model thread only (synchronous).
@@ -85,6 +104,9 @@ pub trait Backend: Send {
                         mask,
                         strength,
                     } => self.inpaint(req, image, mask, strength, progress),
+                    Input::Redux { .. } => Err(WorkerError::TaskDisabled(
+                        "Redux variations (for FLUX models only)".into(),
+                    )),
                 }
             })
             .collect()
@@ -93,16 +115,18 @@ pub trait Backend: Send {
 
 /// Loads the pipeline that fits the model directory `dir`.
 pub fn load(dir: &Path, options: &LoadOptions) -> Result<Box<dyn Backend>> {
-    Ok(Box::new(StableDiffusion::load(dir, options)?))
+    Ok(Box::new(Pipeline::load(dir, options)?))
 }
 
-impl Backend for StableDiffusion {
+impl Backend for Pipeline {
     fn description(&self) -> ModelDescription {
         let (native_width, native_height) = self.native_size();
         ModelDescription {
             family: match self.family() {
                 Family::Sd1 => ModelFamily::Sd1,
                 Family::Sd2 => ModelFamily::Sd2,
+                Family::Sdxl => ModelFamily::Sdxl,
+                Family::Flux => ModelFamily::Flux,
             },
             native_width,
             native_height,
@@ -112,11 +136,18 @@ impl Backend for StableDiffusion {
             max_prompt_tokens: self.max_prompt_tokens() as u32,
             default_scheduler: self.default_scheduler(),
             inpainting_model: self.is_inpainting_model(),
+            max_sequence_length: self.max_sequence_length() as u32,
+            image_seq_multiple: match self.family() {
+                Family::Flux => self.size_multiple(),
+                Family::Sd1 | Family::Sd2 | Family::Sdxl => 0,
+            },
+            strength_rule: self.strength_rule(),
+            redux: self.has_redux(),
         }
     }
 
     fn scheduler_config(&self) -> Option<SchedulerConfig> {
-        Some(StableDiffusion::scheduler_config(self).clone())
+        Some(Pipeline::scheduler_config(self).clone())
     }
 
     fn text_to_image(
@@ -124,7 +155,7 @@ impl Backend for StableDiffusion {
         req: &TextToImage,
         progress: &mut dyn Progress,
     ) -> Result<Vec<RgbImage>> {
-        StableDiffusion::text_to_image(self, req, progress)
+        Pipeline::text_to_image(self, req, progress)
     }
 
     fn image_to_image(
@@ -134,7 +165,7 @@ impl Backend for StableDiffusion {
         strength: f64,
         progress: &mut dyn Progress,
     ) -> Result<Vec<RgbImage>> {
-        StableDiffusion::image_to_image(self, req, image, strength, progress)
+        Pipeline::image_to_image(self, req, image, strength, progress)
     }
 
     fn inpaint(
@@ -145,7 +176,7 @@ impl Backend for StableDiffusion {
         strength: f64,
         progress: &mut dyn Progress,
     ) -> Result<Vec<RgbImage>> {
-        StableDiffusion::inpaint(self, req, image, mask, strength, progress)
+        Pipeline::inpaint(self, req, image, mask, strength, progress)
     }
 
     fn generate(&self, batch: &mut [BatchEntry<'_>]) -> Vec<Result<Vec<RgbImage>>> {

@@ -7,7 +7,9 @@
 //!   child process per set.
 //! * `--mode throughput` ([`throughput`]): images per minute at several client concurrencies
 //!   against the in-process engine, batching off and on.
+//! * `--mode flux-blocks` ([`flux_blocks`]): one FLUX double and single block at full width.
 
+pub mod flux_blocks;
 pub mod memory;
 pub mod throughput;
 
@@ -20,7 +22,7 @@ use candle_core::{DType, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::pipelines::stable_diffusion::{Progress, StableDiffusion, TextToImage};
+use crate::pipelines::{Pipeline, Progress, TextToImage};
 use crate::rng::TorchRng;
 use crate::startup;
 
@@ -100,7 +102,7 @@ pub fn run(
     let (dir, options) = startup::resolve(config, base_dir)?;
     let device = format!("{:?}", options.device);
     let dtype = options.dtype;
-    let model = StableDiffusion::load(&dir, &options)?;
+    let model = Pipeline::load(&dir, &options)?;
     let load = started.elapsed();
     let cfg = settings.guidance_scale > 1.0;
     let prompt = PROMPT;
@@ -114,7 +116,7 @@ pub fn run(
         Ok(mean(t.elapsed(), settings.repeat))
     };
 
-    let text_encode = time(&mut || model.encode_prompt(prompt, "", 1, cfg).map(drop))?;
+    let text_encode = time(&mut || model.encode_prompt(prompt, None, 1, cfg).map(drop))?;
 
     let f = model.size_multiple() as usize;
     let latents = TorchRng::new(0).randn_tensor(
@@ -127,7 +129,7 @@ pub fn run(
 
     let request = TextToImage {
         prompt: prompt.into(),
-        negative_prompt: String::new(),
+        negative_prompt: None,
         n: 1,
         width: settings.width,
         height: settings.height,
@@ -135,6 +137,7 @@ pub fn run(
         steps: settings.steps.max(2),
         guidance_scale: settings.guidance_scale,
         scheduler: model.default_scheduler(),
+        max_sequence_length: None,
     };
     let mut step_total = Duration::ZERO;
     let mut step_count = 0usize;

@@ -19,8 +19,10 @@
 //! Our extensions live under `pipeline` and are all optional: `max_queue` (32), `max_batch` (4),
 //! `batch_window_ms` (10; how long a batch that is not full waits for compatible requests),
 //! `max_pixels` (1792 × 1024, so every size OpenAI's API offers fits), `max_steps` (150),
-//! `default_strength` (0.8) and `scheduler` (our name of a scheduler to use instead of the
-//! repo's own; the pipeline checks the name against the schedulers it has).
+//! `default_strength` (0.8), `scheduler` (our name of a scheduler to use instead of the
+//! repo's own; the pipeline checks the name against the schedulers it has) and `default_size`
+//! (`"WIDTHxHEIGHT"` that `size: auto` gives instead of the model's training resolution, e.g.
+//! 512x512 for SDXL-Turbo).
 //!
 //! A relative `pipeline.hf_model_id` that names an existing directory relative to the config
 //! file's own directory is rewritten to that path, so a config and the model it ships with can
@@ -116,6 +118,24 @@ pub struct PipelineConfig {
     /// Our scheduler name replacing the repo's own `_class_name` as the default.
     #[serde(default)]
     pub scheduler: Option<String>,
+    /// (width, height) for `size: auto` instead of the model's native size, from
+    /// `"WIDTHxHEIGHT"`.
+    #[serde(default, deserialize_with = "size_string")]
+    pub default_size: Option<(u32, u32)>,
+}
+
+/// `"WIDTHxHEIGHT"` with positive integers, or null.
+fn size_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<(u32, u32)>, D::Error> {
+    let Some(text) = Option::<String>::deserialize(d)? else {
+        return Ok(None);
+    };
+    let parsed = text
+        .split_once('x')
+        .and_then(|(w, h)| Some((w.trim().parse::<u32>().ok()?, h.trim().parse::<u32>().ok()?)))
+        .filter(|&(w, h)| w > 0 && h > 0);
+    parsed
+        .map(Some)
+        .ok_or_else(|| serde::de::Error::custom(format!("'{text}' is not WIDTHxHEIGHT")))
 }
 
 /// `pipeline.generations_config`: text-to-image.
@@ -135,8 +155,17 @@ pub struct EditsConfig {
     pub enabled: bool,
     #[serde(default = "default_inpaint_pipeline")]
     pub pipeline: String,
+    /// FLUX: a FluxFillPipeline repo (Hub id or directory) whose transformer runs masked edits
+    /// beside an ordinary `hf_model_id`.
     #[serde(default)]
     pub inpaint_pipeline: Option<String>,
+}
+
+impl EditsConfig {
+    /// True when masked edits are asked to run as `FluxFillPipeline`.
+    pub fn wants_flux_fill(&self) -> bool {
+        self.pipeline == "FluxFillPipeline"
+    }
 }
 
 /// `pipeline.variations_config`: image-to-image, optionally prompted by a vision model.
@@ -148,6 +177,9 @@ pub struct VariationsConfig {
     pub pipeline: String,
     #[serde(default)]
     pub enable_flux_redux: bool,
+    /// The FluxPriorReduxPipeline repo (Hub id or directory) Redux variations use.
+    #[serde(default = "default_flux_redux_model_id")]
+    pub flux_redux_model_id: String,
     #[serde(default = "default_vision_model")]
     pub vision_model: String,
     #[serde(default = "default_vision_model_host")]
@@ -308,6 +340,7 @@ impl ModelConfig {
                 max_steps: DEFAULT_MAX_STEPS,
                 default_strength: DEFAULT_STRENGTH,
                 scheduler: None,
+                default_size: None,
             },
             generation_presets: BTreeMap::new(),
         }
@@ -368,6 +401,17 @@ impl ModelConfig {
         }
         if let Some(scheduler) = &p.scheduler {
             non_empty("pipeline.scheduler", scheduler)?;
+        }
+        if let Some((w, h)) = p.default_size {
+            if w % 8 != 0 || h % 8 != 0 || u64::from(w) * u64::from(h) > p.max_pixels {
+                return Err(WorkerError::config(
+                    "pipeline.default_size",
+                    format!(
+                        "{w}x{h} must be multiples of 8 within max_pixels ({})",
+                        p.max_pixels
+                    ),
+                ));
+            }
         }
         let mut adapters = HashSet::new();
         for (i, lora) in p.loras.iter().enumerate() {
@@ -551,6 +595,7 @@ impl Default for VariationsConfig {
             enabled: false,
             pipeline: default_image2image_pipeline(),
             enable_flux_redux: false,
+            flux_redux_model_id: default_flux_redux_model_id(),
             vision_model: default_vision_model(),
             vision_model_host: default_vision_model_host(),
             vision_model_api_key_variable: String::new(),
@@ -585,6 +630,15 @@ fn default_inpaint_pipeline() -> String {
 }
 fn default_image2image_pipeline() -> String {
     "AutoPipelineForImage2Image".to_string()
+}
+/// The Redux prior the original loads.
+pub const DEFAULT_FLUX_REDUX_MODEL_ID: &str = "black-forest-labs/FLUX.1-Redux-dev";
+/// The Fill model a FLUX base uses for `edits_config.pipeline: FluxFillPipeline` when neither
+/// `hf_model_id` is a Fill model nor `edits_config.inpaint_pipeline` names one.
+pub const DEFAULT_FLUX_FILL_MODEL_ID: &str = "black-forest-labs/FLUX.1-Fill-dev";
+
+fn default_flux_redux_model_id() -> String {
+    DEFAULT_FLUX_REDUX_MODEL_ID.to_string()
 }
 fn default_vision_model() -> String {
     "gpt-4o".to_string()
@@ -965,6 +1019,16 @@ mod tests {
                 "pipeline.default_strength",
             ),
             ("scheduler", serde_json::json!(" "), "pipeline.scheduler"),
+            (
+                "default_size",
+                serde_json::json!("512"),
+                "pipeline.default_size",
+            ),
+            (
+                "default_size",
+                serde_json::json!("500x512"),
+                "pipeline.default_size",
+            ),
             ("hf_model_id", serde_json::json!(""), "pipeline.hf_model_id"),
             (
                 "torch_dtype_run",

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use crate::engine::Engine;
 use crate::error::Result;
 use crate::service::{self, WorkerService};
 use crate::startup;
@@ -19,11 +20,17 @@ use crate::startup;
 pub struct EmbeddedWorker {
     /// `http://127.0.0.1:PORT`, for the gateway's gRPC client.
     pub endpoint: String,
+    engine: Engine,
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<Result<()>>,
 }
 
 impl EmbeddedWorker {
+    /// Resolves, with the reason, if the model fails to load (never once it has loaded).
+    pub async fn load_failure(&self) -> String {
+        self.engine.load_failure().await
+    }
+
     /// Stops serving and waits for the server task to end.
     pub async fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {
@@ -46,7 +53,7 @@ pub async fn start(config_path: &Path) -> Result<EmbeddedWorker> {
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(service::serve(
         listener,
-        WorkerService::new(engine, config),
+        WorkerService::new(engine.clone(), config),
         async {
             let _ = stopped.await;
         },
@@ -54,6 +61,7 @@ pub async fn start(config_path: &Path) -> Result<EmbeddedWorker> {
     tracing::info!(%addr, config = %config_path.display(), "embedded worker started");
     Ok(EmbeddedWorker {
         endpoint: format!("http://{addr}"),
+        engine,
         stop: Some(stop),
         server,
     })

@@ -19,7 +19,7 @@
 //!   `batch_window` after its oldest job arrived (0: never waits; a draining engine never waits).
 //!   A job skipped because it does not fit goes first in the next batch, so it is overtaken at
 //!   most once. Each job keeps its own seed, prompts, guidance, events and cancellation (see
-//!   `pipelines::stable_diffusion::batch`).
+//!   `pipelines::denoise`).
 //! * A job is cancelled when its event receiver is dropped (the gRPC stream went away): a queued
 //!   job is purged, a running job leaves its batch at the next denoising step.
 //! * Draining ([`Engine::drain`]): the state becomes [`EngineState::Draining`], so health says
@@ -46,8 +46,8 @@ use crate::backend::{Backend, ModelDescription};
 use crate::encode;
 use crate::error::{Result, WorkerError};
 use crate::metrics;
-use crate::pipelines::stable_diffusion::{BatchEntry, Input, Progress, Stage, TextToImage};
-use crate::schedulers::{SchedulerConfig, SchedulerKind};
+use crate::pipelines::{BatchEntry, Input, Progress, Stage, TextToImage};
+use crate::schedulers::{ScheduleContext, SchedulerConfig, SchedulerKind};
 
 /// How the engine queues and batches jobs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +93,7 @@ impl JobSpec {
             JobTask::TextToImage => (0, None),
             JobTask::ImageToImage { strength, .. } => (1, Some(*strength)),
             JobTask::Inpaint { strength, .. } => (2, Some(*strength)),
+            JobTask::Redux { .. } => (3, None),
         };
         BatchKey {
             task,
@@ -102,17 +103,17 @@ impl JobSpec {
             scheduler: g.scheduler,
             guidance: g.guidance_scale > 1.0,
             strength,
+            max_sequence_length: g.max_sequence_length,
         }
     }
 }
 
-/// Everything that fixes the shape and the timesteps of a batch's UNet passes: the task, the
-/// size, steps, scheduler, whether classifier-free guidance doubles the rows, and the strength
-/// (where an image task's loop starts). LoRA adapters will join it once they are applied
-/// (requests carry none today).
+/// Everything that fixes the shape and the timesteps of a batch's denoiser passes: the task, the
+/// size (SDXL's time ids follow from it), steps, scheduler, whether classifier-free guidance
+/// doubles the rows, the strength (where an image task's loop starts) and FLUX's text length.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct BatchKey {
-    /// 0 text-to-image, 1 image-to-image, 2 inpaint.
+    /// 0 text-to-image, 1 image-to-image, 2 inpaint, 3 Redux variation.
     task: u8,
     width: usize,
     height: usize,
@@ -120,6 +121,7 @@ struct BatchKey {
     scheduler: SchedulerKind,
     guidance: bool,
     strength: Option<f64>,
+    max_sequence_length: Option<usize>,
 }
 
 /// The task of a job and its inputs, decoded and already at the output size.
@@ -135,6 +137,10 @@ pub enum JobTask {
         image: RgbImage,
         mask: GrayImage,
         strength: f64,
+    },
+    /// A FLUX Redux variation: `image` conditions the generation through the prior.
+    Redux {
+        image: RgbImage,
     },
 }
 
@@ -156,6 +162,7 @@ impl JobTask {
                 mask,
                 strength: *strength,
             },
+            JobTask::Redux { image } => Input::Redux { image },
         }
     }
 }
@@ -322,9 +329,14 @@ impl Engine {
     /// Refuses a step count `scheduler` cannot place on the loaded model's schedule (e.g. more
     /// steps than training timesteps), as the model thread would after queueing. Nothing to
     /// check before the model is loaded or when its backend has no scheduler config.
-    pub fn check_schedule(&self, scheduler: SchedulerKind, steps: usize) -> Result<()> {
+    pub fn check_schedule(
+        &self,
+        scheduler: SchedulerKind,
+        steps: usize,
+        context: &ScheduleContext,
+    ) -> Result<()> {
         match self.schedules.get() {
-            Some(config) => scheduler.build(config, steps).map(drop),
+            Some(config) => scheduler.build_with(config, steps, context).map(drop),
             None => Ok(()),
         }
     }
@@ -407,6 +419,28 @@ impl Engine {
             }
             if state.changed().await.is_err() {
                 return Err(WorkerError::Unavailable("the model thread stopped".into()));
+            }
+        }
+    }
+
+    /// Waits until the model has failed to load, and says why; never returns once it loaded. (A
+    /// drain that starts while loading marks the engine failed too, with its own reason.)
+    pub async fn load_failure(&self) -> String {
+        let mut state = self.state.clone();
+        loop {
+            // The borrow ends before any await: the guard must not live across one.
+            let failed = match &*state.borrow_and_update() {
+                EngineState::Failed(why) => Some(Some(why.clone())),
+                EngineState::Ready(_) | EngineState::Draining(_) => Some(None),
+                EngineState::Loading => None,
+            };
+            match failed {
+                Some(Some(why)) => return why,
+                Some(None) => return std::future::pending().await,
+                None => {}
+            }
+            if state.changed().await.is_err() {
+                return "the model thread stopped".into();
             }
         }
     }

@@ -57,6 +57,10 @@ enum Command {
         /// Seconds accepted jobs get to finish after SIGTERM / ctrl-c before they are cancelled.
         #[arg(long, env = "FASTFUSION_DRAIN_GRACE_SECS", default_value_t = 30)]
         drain_grace_secs: u64,
+        /// When the model fails to load: seconds the worker keeps answering Info and health
+        /// (with the reason) so that gateways learn why, before it exits non-zero.
+        #[arg(long, env = "FASTFUSION_FAILED_LOAD_LINGER_SECS", default_value_t = 5)]
+        failed_load_linger_secs: u64,
         /// Serve Prometheus metrics on this address (any path); off when unset. Port 0 picks a
         /// free one (the log says which).
         #[arg(long, env = "FASTFUSION_WORKER_METRICS_LISTEN")]
@@ -86,8 +90,9 @@ struct GenerateArgs {
     source: ModelSource,
     #[arg(long)]
     prompt: String,
-    #[arg(long, default_value = "")]
-    negative_prompt: String,
+    /// Absent: SD uses "", SDXL zero embeddings.
+    #[arg(long)]
+    negative_prompt: Option<String>,
     /// Seed for torch's CPU generator; random when absent (printed).
     #[arg(long)]
     seed: Option<u64>,
@@ -154,6 +159,8 @@ enum BenchMode {
     Memory,
     /// Images per minute at each concurrency, for each max_batch.
     Throughput,
+    /// One FLUX double and single block (weights in --model DIR) at --size.
+    FluxBlocks,
 }
 
 fn main() -> ExitCode {
@@ -171,11 +178,13 @@ fn main() -> ExitCode {
             config,
             listen,
             drain_grace_secs,
+            failed_load_linger_secs,
             metrics_listen,
         } => serve(
             &config,
             listen,
             Duration::from_secs(drain_grace_secs),
+            Duration::from_secs(failed_load_linger_secs),
             metrics_listen,
         ),
         Command::Generate(args) => generate(args),
@@ -227,6 +236,7 @@ fn serve(
     config_path: &Path,
     listen: SocketAddr,
     drain_grace: Duration,
+    failed_load_linger: Duration,
     metrics_listen: Option<SocketAddr>,
 ) -> Result<()> {
     runtime()?.block_on(async {
@@ -242,9 +252,23 @@ fn serve(
         // The end-to-end tests read this line to find the port.
         tracing::info!("listening on {addr}");
         let draining = engine.clone();
+        let failed = Arc::new(std::sync::OnceLock::new());
+        let failure = failed.clone();
         let shutdown = async move {
-            shutdown_signal().await;
-            draining.drain(drain_grace).await;
+            tokio::select! {
+                () = shutdown_signal() => {
+                    draining.drain(drain_grace).await;
+                }
+                reason = draining.load_failure() => {
+                    // Kubernetes shows the restart loop; the log and the exit status say why.
+                    tracing::error!(
+                        linger_secs = failed_load_linger.as_secs(),
+                        "{reason}; exiting after answering Info for a while"
+                    );
+                    tokio::time::sleep(failed_load_linger).await;
+                    let _ = failure.set(reason);
+                }
+            }
         };
         service::serve(
             listener,
@@ -252,6 +276,9 @@ fn serve(
             shutdown,
         )
         .await?;
+        if let Some(reason) = failed.get() {
+            return Err(WorkerError::Unavailable(reason.clone()));
+        }
         tracing::info!("stopped");
         Ok(())
     })
@@ -316,7 +343,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
                 })?,
             None => model.default_scheduler,
         };
-    let request = fastfusion_worker::pipelines::stable_diffusion::TextToImage {
+    let request = fastfusion_worker::pipelines::TextToImage {
         prompt: args.prompt,
         negative_prompt: args.negative_prompt,
         n: args.n.max(1),
@@ -332,12 +359,10 @@ fn generate(args: GenerateArgs) -> Result<()> {
             .guidance
             .unwrap_or(config.pipeline.global_guidance_scale),
         scheduler,
+        max_sequence_length: None,
     };
     let started = Instant::now();
-    let images = backend.text_to_image(
-        &request,
-        &mut fastfusion_worker::pipelines::stable_diffusion::NoProgress,
-    )?;
+    let images = backend.text_to_image(&request, &mut fastfusion_worker::pipelines::NoProgress)?;
     eprintln!(
         "seed {} · {} steps · {} · {:.2}s",
         request.seed,
@@ -399,6 +424,10 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     match args.mode {
         BenchMode::Stages => {
             println!("{}", bench::run(&config, base_dir.as_deref(), &settings)?);
+        }
+        BenchMode::FluxBlocks => {
+            let report = bench::flux_blocks::run(&config, base_dir.as_deref(), &settings)?;
+            println!("{report}");
         }
         BenchMode::Memory => {
             let cases = if args.options.is_empty() {

@@ -24,7 +24,7 @@
 //!   without a mask, variations) and 1.0 for inpainting: diffusers' own default there, which
 //!   repaints the masked area from pure noise, what an OpenAI edit with a mask means.
 //! * `partial_images` (0 to [`MAX_PARTIAL_IMAGES`]) previews per image stream as `partial_image`
-//!   events after evenly spaced steps (`pipelines::stable_diffusion::preview_steps`; never the
+//!   events after evenly spaced steps (`pipelines::preview_steps`; never the
 //!   last step, so a request with fewer steps than that gets fewer), encoded like the final
 //!   images.
 //! * A variation's prompt is optional. Without one, the configured vision model
@@ -54,7 +54,7 @@ use crate::config::ModelConfig;
 use crate::engine::{Engine, EngineState, JobEvent, JobSpec, JobTask};
 use crate::error::{Result, WorkerError};
 use crate::inputs;
-use crate::pipelines::stable_diffusion::{first_step, TextToImage, MAX_PARTIAL_IMAGES};
+use crate::pipelines::{TextToImage, MAX_PARTIAL_IMAGES};
 use crate::schedulers::SchedulerKind;
 use crate::vision::{describe_image, VisionSettings, DEFAULT_VARIATION_PROMPT};
 
@@ -97,10 +97,13 @@ impl WorkerService {
         if !enabled {
             return Err(WorkerError::TaskDisabled(name.into()));
         }
+        // With a Redux prior loaded, every variation is a Redux variation.
+        let redux = endpoint == Endpoint::Variations && model.redux;
         match (endpoint, task) {
+            (Endpoint::Variations, Task::Redux | Task::ImageToImage) if redux => {}
             (_, Task::Redux) => {
                 return Err(WorkerError::TaskDisabled(
-                    "redux (not supported by this model family)".into(),
+                    "redux (needs a FLUX model with variations_config.enable_flux_redux)".into(),
                 ))
             }
             (Endpoint::Generations, Task::TextToImage)
@@ -122,8 +125,11 @@ impl WorkerService {
                 "text-to-image with an inpainting model".into(),
             ));
         }
-        let describe = endpoint == Endpoint::Variations && req.prompt.trim().is_empty();
-        if req.prompt.trim().is_empty() && !describe {
+        // A Redux variation's prompt is optional and stays empty without one (the prior's own
+        // behaviour); other variations get one from the image.
+        let describe = endpoint == Endpoint::Variations && !redux && req.prompt.trim().is_empty();
+        let prompt_optional = describe || redux;
+        if req.prompt.trim().is_empty() && !prompt_optional {
             return Err(WorkerError::invalid("prompt", "must not be empty"));
         }
         let max_n = pipeline.max_n;
@@ -161,7 +167,21 @@ impl WorkerService {
         }
         let scheduler = self.scheduler(&req.scheduler, model)?;
         // Refused now rather than after queueing (e.g. more steps than the schedule has).
-        self.engine.check_schedule(scheduler, steps)?;
+        self.engine.check_schedule(
+            scheduler,
+            steps,
+            &model.schedule_context(req.width, req.height),
+        )?;
+        if let Some(len) = req.max_sequence_length {
+            let limit = model.max_sequence_length;
+            // Models without T5 ignore it (their prompt window is fixed).
+            if limit > 0 && (len == 0 || len > limit) {
+                return Err(WorkerError::invalid(
+                    "max_sequence_length",
+                    format!("must be between 1 and {limit}, got {len}"),
+                ));
+            }
+        }
         if !req.loras.is_empty() {
             return Err(WorkerError::invalid(
                 "lora_settings",
@@ -183,7 +203,11 @@ impl WorkerService {
                 format!("must be between 0 and {MAX_PARTIAL_IMAGES}, got {partial_images}"),
             ));
         }
-        let uploads = self.uploads(task, &mut req, steps)?;
+        let uploads = if redux {
+            self.redux_upload(&mut req)?
+        } else {
+            self.uploads(task, &mut req, steps, model)?
+        };
         Ok(Validated {
             describe,
             uploads,
@@ -201,6 +225,7 @@ impl WorkerService {
                     steps,
                     guidance_scale,
                     scheduler,
+                    max_sequence_length: req.max_sequence_length.map(|l| l as usize),
                 },
                 task: JobTask::TextToImage,
                 output_format,
@@ -211,7 +236,13 @@ impl WorkerService {
     }
 
     /// Checks the images, mask and strength a task needs (and that others bring none).
-    fn uploads(&self, task: Task, req: &mut GenerateRequest, steps: usize) -> Result<Uploads> {
+    fn uploads(
+        &self,
+        task: Task,
+        req: &mut GenerateRequest,
+        steps: usize,
+        model: &ModelDescription,
+    ) -> Result<Uploads> {
         if task == Task::TextToImage {
             if !req.images.is_empty() {
                 return Err(WorkerError::invalid(
@@ -250,7 +281,7 @@ impl WorkerService {
                 format!("must be in (0, 1], got {strength}"),
             ));
         }
-        first_step(steps, strength)?;
+        model.strength_rule.first_step(steps, strength)?;
         // The first image is the one edited; the bytes move into the job, not copied.
         let image = std::mem::take(&mut req.images).swap_remove(0);
         match (task, req.mask.take()) {
@@ -267,6 +298,21 @@ impl WorkerService {
             )),
             (_, None) => Ok(Uploads::Image { image, strength }),
         }
+    }
+
+    /// A Redux variation's one image (no mask, no strength: the prior reads the whole image).
+    fn redux_upload(&self, req: &mut GenerateRequest) -> Result<Uploads> {
+        if req.mask.is_some() {
+            return Err(WorkerError::invalid("mask", "a variation takes no mask"));
+        }
+        if req.images.is_empty() {
+            return Err(WorkerError::invalid(
+                "image",
+                "at least one image is required",
+            ));
+        }
+        let image = std::mem::take(&mut req.images).swap_remove(0);
+        Ok(Uploads::Redux { image })
     }
 
     /// The prompt for a variation that came without one: the vision model's description of
@@ -325,6 +371,10 @@ impl WorkerService {
                     mask: inputs::load_mask(&mask, mask_mode, width, height, max)?,
                     strength,
                 },
+                // The prior resizes the upload itself, from its own size.
+                Uploads::Redux { image } => JobTask::Redux {
+                    image: inputs::decode(&image, "image", max)?.into_rgb8(),
+                },
             })
         };
         spec.task = tokio::task::spawn_blocking(decode)
@@ -380,6 +430,9 @@ impl WorkerService {
             if !tasks.contains(&(Task::ImageToImage as i32)) {
                 tasks.push(Task::ImageToImage as i32);
             }
+            if description.as_ref().is_some_and(|d| d.redux) {
+                tasks.push(Task::Redux as i32);
+            }
         }
         let default_scheduler = pipeline
             .scheduler
@@ -409,8 +462,13 @@ impl WorkerService {
                 .collect(),
             // Configured LoRAs are not applied yet, so none is offered.
             loras: Vec::new(),
-            native_width: description.as_ref().map_or(0, |d| d.native_width),
-            native_height: description.as_ref().map_or(0, |d| d.native_height),
+            // `size: auto` takes these: the config's default size wins over the model's own.
+            native_width: description
+                .as_ref()
+                .map_or(0, |d| pipeline.default_size.map_or(d.native_width, |s| s.0)),
+            native_height: description.as_ref().map_or(0, |d| {
+                pipeline.default_size.map_or(d.native_height, |s| s.1)
+            }),
             limits: Some(Limits {
                 max_pixels: pipeline.max_pixels,
                 size_multiple: description.as_ref().map_or(8, |d| d.size_multiple),
@@ -418,6 +476,7 @@ impl WorkerService {
                 max_queue: pipeline.max_queue as u32,
                 max_batch: pipeline.max_batch as u32,
                 max_prompt_tokens: description.as_ref().map_or(0, |d| d.max_prompt_tokens),
+                max_sequence_length: description.as_ref().map_or(0, |d| d.max_sequence_length),
             }),
             load: Some(fastfusion_proto::Load {
                 queued: load.queued,
@@ -429,12 +488,22 @@ impl WorkerService {
                 scheduler: default_scheduler,
                 strength: pipeline.default_strength as f32,
             }),
+            // Only the schedulers of the model's kind (discrete-time or flow matching).
             schedulers: SchedulerKind::ALL
                 .iter()
+                .filter(|k| {
+                    description.as_ref().is_none_or(|d| {
+                        k.is_flow_matching() == d.default_scheduler.is_flow_matching()
+                    })
+                })
                 .map(|k| k.name().to_string())
                 .collect(),
             endpoints,
             loaded: description.is_some(),
+            load_error: match state {
+                EngineState::Failed(why) => why.clone(),
+                _ => String::new(),
+            },
         }
     }
 }
@@ -460,6 +529,9 @@ enum Uploads {
         mask: Vec<u8>,
         mask_mode: MaskMode,
         strength: f64,
+    },
+    Redux {
+        image: Vec<u8>,
     },
 }
 

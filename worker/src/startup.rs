@@ -4,10 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, DEFAULT_FLUX_FILL_MODEL_ID};
 use crate::engine::{Engine, EngineOptions};
 use crate::error::Result;
-use crate::pipelines::stable_diffusion::LoadOptions;
+use crate::pipelines::LoadOptions;
 use crate::{backend, device, hub};
 
 /// Reads and validates the config, logging a warning for each unknown key.
@@ -50,8 +50,55 @@ pub fn resolve(config: &ModelConfig, base_dir: Option<&Path>) -> Result<(PathBuf
         cpu_offload: pipeline.enable_cpu_offload,
         source_name: pipeline.hf_model_id.clone(),
         vae_tiling: pipeline.enable_vae_tiling,
+        fill_transformer: fill_source(config, &dir)?
+            .map(|id| resolve_part(&id, base_dir, "Fill model"))
+            .transpose()?,
+        redux: redux_source(config)
+            .map(|id| resolve_part(&id, base_dir, "Redux prior"))
+            .transpose()?,
     };
     Ok((dir, options))
+}
+
+/// The Fill repo masked edits run with beside the base, if any: `edits_config.inpaint_pipeline`,
+/// else FLUX.1-Fill-dev when edits ask for `FluxFillPipeline` and `hf_model_id` is not a Fill
+/// model itself (its `model_index.json` says which).
+fn fill_source(config: &ModelConfig, dir: &Path) -> Result<Option<String>> {
+    let edits = &config.pipeline.edits_config;
+    if !edits.enabled {
+        return Ok(None);
+    }
+    if let Some(id) = &edits.inpaint_pipeline {
+        return Ok(Some(id.clone()));
+    }
+    if !edits.wants_flux_fill() {
+        return Ok(None);
+    }
+    let index = crate::pipelines::ModelIndex::read(&config.pipeline.hf_model_id, dir)?;
+    if index.class_name == "FluxFillPipeline" {
+        return Ok(None);
+    }
+    tracing::info!(
+        fill = DEFAULT_FLUX_FILL_MODEL_ID,
+        "edits_config.pipeline is FluxFillPipeline and hf_model_id is not a Fill model: \
+         masked edits use the Fill transformer of {DEFAULT_FLUX_FILL_MODEL_ID} \
+         (set edits_config.inpaint_pipeline to choose another)"
+    );
+    Ok(Some(DEFAULT_FLUX_FILL_MODEL_ID.to_string()))
+}
+
+/// The Redux prior variations run through, when `enable_flux_redux` is on.
+fn redux_source(config: &ModelConfig) -> Option<String> {
+    let variations = &config.pipeline.variations_config;
+    (variations.enabled && variations.enable_flux_redux)
+        .then(|| variations.flux_redux_model_id.clone())
+}
+
+/// A second repo's directory (fetched from the Hub when needed), logged as `what`.
+fn resolve_part(id: &str, base_dir: Option<&Path>, what: &str) -> Result<PathBuf> {
+    let dir = hub::resolve_model(id, base_dir)?;
+    tracing::info!(model = %id, dir = %dir.display(), "loading the {what}");
+    Ok(dir)
 }
 
 /// Loads the model that `config` names into a fresh backend (blocking: resolves and reads weights).

@@ -19,7 +19,7 @@ use fastfusion_worker::backend::{Backend, ModelDescription};
 use fastfusion_worker::config::ModelConfig;
 use fastfusion_worker::engine::{Engine, EngineOptions};
 use fastfusion_worker::error::{Result, WorkerError};
-use fastfusion_worker::pipelines::stable_diffusion::{BatchEntry, Progress, TextToImage};
+use fastfusion_worker::pipelines::{BatchEntry, Progress, StrengthRule, TextToImage};
 use fastfusion_worker::schedulers::SchedulerKind;
 use fastfusion_worker::service::{self, WorkerService};
 use image::{GrayImage, RgbImage};
@@ -42,6 +42,10 @@ impl Backend for Batcher {
             max_prompt_tokens: 77,
             default_scheduler: SchedulerKind::Euler,
             inpainting_model: false,
+            max_sequence_length: 0,
+            image_seq_multiple: 0,
+            strength_rule: StrengthRule::Discrete,
+            redux: false,
         }
     }
 
@@ -52,7 +56,7 @@ impl Backend for Batcher {
     ) -> Result<Vec<RgbImage>> {
         self.generate(&mut [BatchEntry {
             request: req,
-            input: fastfusion_worker::pipelines::stable_diffusion::Input::Text,
+            input: fastfusion_worker::pipelines::Input::Text,
             progress,
         }])
         .pop()

@@ -18,7 +18,7 @@ use fastfusion_worker::backend::{Backend, ModelDescription};
 use fastfusion_worker::config::ModelConfig;
 use fastfusion_worker::engine::{Engine, EngineState};
 use fastfusion_worker::error::{Result, WorkerError};
-use fastfusion_worker::pipelines::stable_diffusion::{Progress, TextToImage};
+use fastfusion_worker::pipelines::{Progress, StrengthRule, TextToImage};
 use fastfusion_worker::schedulers::SchedulerKind;
 use fastfusion_worker::service::{self, WorkerService};
 use image::{GrayImage, RgbImage};
@@ -45,6 +45,10 @@ impl Backend for Slow {
             max_prompt_tokens: 77,
             default_scheduler: SchedulerKind::Pndm,
             inpainting_model: false,
+            max_sequence_length: 0,
+            image_seq_multiple: 0,
+            strength_rule: StrengthRule::Discrete,
+            redux: false,
         }
     }
 

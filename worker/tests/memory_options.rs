@@ -6,9 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 use fastfusion_worker::error::WorkerError;
-use fastfusion_worker::pipelines::stable_diffusion::{
-    LoadOptions, NoProgress, StableDiffusion, TextToImage,
-};
+use fastfusion_worker::pipelines::{LoadOptions, NoProgress, Pipeline, TextToImage};
 use fastfusion_worker::schedulers::SchedulerKind;
 use fastfusion_worker::startup;
 
@@ -18,7 +16,7 @@ fn model_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models/tiny-sd15")
 }
 
-fn load(init: DType, run: DType, cpu_offload: bool) -> Result<StableDiffusion, WorkerError> {
+fn load(init: DType, run: DType, cpu_offload: bool) -> Result<Pipeline, WorkerError> {
     let opts = LoadOptions {
         device: Device::Cpu,
         dtype: run,
@@ -26,14 +24,16 @@ fn load(init: DType, run: DType, cpu_offload: bool) -> Result<StableDiffusion, W
         cpu_offload,
         source_name: "tiny-sd15".to_owned(),
         vae_tiling: false,
+        fill_transformer: None,
+        redux: None,
     };
-    StableDiffusion::load(&model_dir(), &opts)
+    Pipeline::load(&model_dir(), &opts)
 }
 
 fn request() -> TextToImage {
     TextToImage {
         prompt: "a red bicycle leaning on a wall".into(),
-        negative_prompt: "blurry".into(),
+        negative_prompt: Some("blurry".into()),
         n: 2,
         width: 32,
         height: 32,
@@ -42,6 +42,7 @@ fn request() -> TextToImage {
         guidance_scale: 6.0,
         // Ancestral: the per-step noise draws are part of what must not change.
         scheduler: SchedulerKind::EulerAncestral,
+        max_sequence_length: None,
     }
 }
 

@@ -11,188 +11,29 @@
 //! 1/255) and still match diffusers; a cancelled request leaves its batch; previews come after
 //! evenly spaced steps and are real decodes.
 
+mod references;
+
 use std::collections::HashMap;
 use std::ops::ControlFlow;
-use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use fastfusion_proto::MaskMode;
 use fastfusion_worker::inputs::{load_image, load_mask, MAX_INPUT_PIXELS};
 use fastfusion_worker::models::tokenizer::ClipTokenizer;
-use fastfusion_worker::pipelines::stable_diffusion::{
-    preview_steps, BatchEntry, Input, LoadOptions, NoProgress, Progress, StableDiffusion, Stage,
+use fastfusion_worker::pipelines::{
+    preview_steps, BatchEntry, Input, LoadOptions, NoProgress, Pipeline, Progress, Stage,
     TextToImage,
 };
 use fastfusion_worker::rng::TorchRng;
 use fastfusion_worker::schedulers::SchedulerKind;
+use references::*;
 use serde::Deserialize;
-
-type TestResult = Result<(), Box<dyn std::error::Error>>;
-
-/// Largest allowed per-channel difference from the reference, in 8-bit steps.
-const TOLERANCE: u8 = 2;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
-#[derive(Debug, Clone, Deserialize)]
-struct Case {
-    name: String,
-    model: String,
-    prompt: String,
-    negative_prompt: Option<String>,
-    seed: u64,
-    steps: usize,
-    guidance_scale: f64,
-    scheduler: String,
-    width: usize,
-    height: usize,
-    n: usize,
-    images: Vec<String>,
-    /// `img2img` or `inpaint`; absent for text-to-image.
-    task: Option<String>,
-    /// Input image and masks, relative to `references/`.
-    image: Option<String>,
-    mask: Option<String>,
-    mask_rgba: Option<String>,
-    strength: Option<f64>,
-}
-
-impl Case {
-    fn request(&self) -> Result<TextToImage, String> {
-        Ok(TextToImage {
-            prompt: self.prompt.clone(),
-            negative_prompt: self.negative_prompt.clone().unwrap_or_default(),
-            n: self.n,
-            width: self.width,
-            height: self.height,
-            seed: self.seed,
-            steps: self.steps,
-            guidance_scale: self.guidance_scale,
-            scheduler: SchedulerKind::from_name(&self.scheduler)
-                .ok_or_else(|| format!("{}: unknown scheduler {}", self.name, self.scheduler))?,
-        })
-    }
-}
-
-type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
-
-fn reference_bytes(file: &str) -> BoxResult<Vec<u8>> {
-    Ok(std::fs::read(fixtures().join("references").join(file))?)
-}
-
-impl Case {
-    /// Runs the case on `model` the way the service would: inputs through `inputs`, the mask
-    /// `mask_file` read with `mode`.
-    fn run(
-        &self,
-        model: &StableDiffusion,
-        mask_file: Option<&str>,
-        mode: MaskMode,
-        progress: &mut dyn Progress,
-    ) -> BoxResult<Vec<image::RgbImage>> {
-        let req = self.request()?;
-        let (w, h) = (self.width as u32, self.height as u32);
-        let image = || -> BoxResult<image::RgbImage> {
-            let file = self.image.as_deref().ok_or("edit case without image")?;
-            Ok(load_image(&reference_bytes(file)?, w, h, MAX_INPUT_PIXELS)?)
-        };
-        let strength = || self.strength.ok_or("edit case without strength");
-        Ok(match self.task.as_deref() {
-            None => model.text_to_image(&req, progress)?,
-            Some("img2img") => model.image_to_image(&req, &image()?, strength()?, progress)?,
-            Some("inpaint") => {
-                let file = mask_file.ok_or("inpaint case without mask")?;
-                let mask = load_mask(&reference_bytes(file)?, mode, w, h, MAX_INPUT_PIXELS)?;
-                model.inpaint(&req, &image()?, &mask, strength()?, progress)?
-            }
-            Some(other) => return Err(format!("{}: unknown task {other}", self.name).into()),
-        })
-    }
-}
-
-fn manifest() -> Result<Vec<Case>, Box<dyn std::error::Error>> {
-    let text = std::fs::read_to_string(fixtures().join("references/manifest.json"))?;
-    Ok(serde_json::from_str(&text)?)
-}
-
-fn load(model: &str) -> Result<StableDiffusion, Box<dyn std::error::Error>> {
-    load_as(model, DType::F32)
-}
-
-fn load_as(model: &str, dtype: DType) -> Result<StableDiffusion, Box<dyn std::error::Error>> {
-    let opts = LoadOptions {
-        device: Device::Cpu,
-        dtype,
-        init_dtype: dtype,
-        cpu_offload: false,
-        source_name: model.to_owned(),
-        vae_tiling: false,
-    };
-    Ok(StableDiffusion::load(
-        &fixtures().join("models").join(model),
-        &opts,
-    )?)
-}
-
-/// Largest per-channel difference between two images of the same size.
-fn max_diff(a: &image::RgbImage, b: &image::RgbImage) -> u8 {
-    a.as_raw()
-        .iter()
-        .zip(b.as_raw())
-        .map(|(x, y)| x.abs_diff(*y))
-        .max()
-        .unwrap_or(0)
-}
 
 #[test]
 fn every_reference_case_matches_diffusers() -> TestResult {
     let cases = manifest()?;
     assert!(!cases.is_empty(), "the manifest lists no cases");
-    let mut models: HashMap<String, StableDiffusion> = HashMap::new();
-    let mut failures = Vec::new();
-    for case in &cases {
-        if !models.contains_key(&case.model) {
-            models.insert(case.model.clone(), load(&case.model)?);
-        }
-        let model = &models[&case.model];
-        let images = case.run(model, case.mask.as_deref(), MaskMode::Auto, &mut NoProgress)?;
-        if let Some(rgba) = &case.mask_rgba {
-            // The OpenAI reading of the same mask must give the very same picture.
-            let again = case.run(model, Some(rgba), MaskMode::Auto, &mut NoProgress)?;
-            assert!(
-                again == images,
-                "{}: the RGBA mask gives another picture",
-                case.name
-            );
-            let forced = case.run(model, Some(rgba), MaskMode::Alpha, &mut NoProgress)?;
-            assert!(forced == images, "{}: mask_mode alpha differs", case.name);
-        }
-        assert_eq!(
-            images.len(),
-            case.images.len(),
-            "{}: image count",
-            case.name
-        );
-        for (image, file) in images.iter().zip(&case.images) {
-            let reference = image::open(fixtures().join("references").join(file))?.to_rgb8();
-            if image.dimensions() != reference.dimensions() {
-                failures.push(format!(
-                    "{}: {file}: size {:?}, reference {:?}",
-                    case.name,
-                    image.dimensions(),
-                    reference.dimensions()
-                ));
-                continue;
-            }
-            let diff = max_diff(image, &reference);
-            eprintln!("{}: {file}: max diff {diff}/255", case.name);
-            if diff > TOLERANCE {
-                failures.push(format!("{}: {file}: max diff {diff}/255", case.name));
-            }
-        }
-    }
+    let failures = check_cases(&cases)?;
     assert!(
         failures.is_empty(),
         "images differ from diffusers:\n{}",
@@ -248,25 +89,10 @@ fn tokenizers_match_transformers() -> TestResult {
     Ok(())
 }
 
-/// The intermediate tensors diffusers saved for some cases.
-fn tensors(case: &str) -> Result<HashMap<String, Tensor>, Box<dyn std::error::Error>> {
-    let path = fixtures().join(format!("references/tensors/{case}.safetensors"));
-    Ok(candle_core::safetensors::load(path, &Device::Cpu)?)
-}
-
-fn get<'a>(map: &'a HashMap<String, Tensor>, key: &str) -> Result<&'a Tensor, String> {
-    map.get(key)
-        .ok_or_else(|| format!("tensor fixture has no {key}"))
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32, candle_core::Error> {
-    (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
-}
-
 #[test]
 fn stages_match_the_saved_tensors() -> TestResult {
     let cases = manifest()?;
-    let mut models: HashMap<String, StableDiffusion> = HashMap::new();
+    let mut models: HashMap<String, Pipeline> = HashMap::new();
     for name in ["sd15_euler_negative", "sd15_euler_ancestral", "sd2v_ddim"] {
         let case = cases
             .iter()
@@ -293,7 +119,7 @@ fn stages_match_the_saved_tensors() -> TestResult {
         assert_eq!(ours, theirs, "{name}: input_ids");
 
         // Prompt embeddings, in the same row order.
-        let embeds = model.encode_prompt(&case.prompt, &negative, case.n, true)?;
+        let embeds = model.encode_prompt(&case.prompt, Some(&negative), case.n, true)?;
         let diff = max_abs_diff(&embeds, get(&saved, "prompt_embeds")?)?;
         assert!(diff < 1e-4, "{name}: prompt_embeds differ by {diff}");
 
@@ -320,7 +146,7 @@ fn stages_match_the_saved_tensors() -> TestResult {
 #[test]
 fn edit_steps_match_the_saved_tensors() -> TestResult {
     let cases = manifest()?;
-    let mut models: HashMap<String, StableDiffusion> = HashMap::new();
+    let mut models: HashMap<String, Pipeline> = HashMap::new();
     for name in [
         "img2img_sd15_euler_s075",
         "img2img_sd2v_ddim_s060",
@@ -452,7 +278,7 @@ fn stages_are_reported_in_order_around_the_steps() -> TestResult {
 fn small_request(seed: u64) -> TextToImage {
     TextToImage {
         prompt: "a photo of the moon".into(),
-        negative_prompt: String::new(),
+        negative_prompt: None,
         n: 1,
         width: 32,
         height: 32,
@@ -460,6 +286,7 @@ fn small_request(seed: u64) -> TextToImage {
         steps: 2,
         guidance_scale: 7.5,
         scheduler: SchedulerKind::EulerAncestral,
+        max_sequence_length: None,
     }
 }
 
@@ -534,14 +361,17 @@ fn a_directory_without_a_model_is_a_model_load_error() {
         cpu_offload: false,
         source_name: "not-a-model".to_owned(),
         vae_tiling: false,
+        fill_transformer: None,
+        redux: None,
     };
     let dir = fixtures().join("models");
-    match StableDiffusion::load(&dir, &opts) {
+    match Pipeline::load(&dir, &opts) {
         Err(fastfusion_worker::error::WorkerError::ModelLoad {
             source_name, file, ..
         }) => {
             assert_eq!(source_name, "not-a-model");
-            assert_eq!(file, dir.join("text_encoder/config.json"));
+            // The pipeline class is read first: it decides which parts to look for.
+            assert_eq!(file, dir.join("model_index.json"));
         }
         other => panic!(
             "expected a ModelLoad error, got {:?}",
@@ -605,7 +435,7 @@ impl Prepared {
     }
 
     /// The request run alone.
-    fn alone(&self, model: &StableDiffusion) -> BoxResult<Vec<image::RgbImage>> {
+    fn alone(&self, model: &Pipeline) -> BoxResult<Vec<image::RgbImage>> {
         Ok(match self.input()? {
             Input::Text => model.text_to_image(&self.req, &mut NoProgress)?,
             Input::Image { image, strength } => {
@@ -616,6 +446,7 @@ impl Prepared {
                 mask,
                 strength,
             } => model.inpaint(&self.req, image, mask, strength, &mut NoProgress)?,
+            Input::Redux { image } => model.redux_variation(&self.req, image, &mut NoProgress)?,
         })
     }
 }
@@ -624,7 +455,7 @@ type BatchResults = Vec<fastfusion_worker::error::Result<Vec<image::RgbImage>>>;
 
 /// Runs `items` as one batch, each with its observer.
 fn run_together(
-    model: &StableDiffusion,
+    model: &Pipeline,
     items: &[&Prepared],
     observers: Vec<&mut dyn Progress>,
 ) -> BoxResult<BatchResults> {

@@ -16,7 +16,7 @@ use fastfusion_worker::backend::{Backend, ModelDescription};
 use fastfusion_worker::config::ModelConfig;
 use fastfusion_worker::engine::Engine;
 use fastfusion_worker::error::{Result, WorkerError};
-use fastfusion_worker::pipelines::stable_diffusion::{Progress, TextToImage};
+use fastfusion_worker::pipelines::{Progress, StrengthRule, TextToImage};
 use fastfusion_worker::schedulers::SchedulerKind;
 use fastfusion_worker::service::{self, WorkerService};
 use fastfusion_worker::vision::DEFAULT_VARIATION_PROMPT;
@@ -59,6 +59,10 @@ impl Backend for Scripted {
             max_prompt_tokens: 77,
             default_scheduler: SchedulerKind::Pndm,
             inpainting_model: self.inpainting,
+            max_sequence_length: 0,
+            image_seq_multiple: 0,
+            strength_rule: StrengthRule::Discrete,
+            redux: false,
         }
     }
 
@@ -315,7 +319,14 @@ async fn not_serving_and_unavailable_until_the_model_is_loaded() {
         info.defaults.as_ref().map(|d| d.scheduler.as_str()),
         Some("pndm")
     );
-    assert_eq!(info.schedulers.len(), SchedulerKind::ALL.len());
+    // A discrete-time model lists every scheduler but FLUX's flow matching.
+    let discrete: Vec<String> = SchedulerKind::ALL
+        .iter()
+        .filter(|k| !k.is_flow_matching())
+        .map(|k| k.name().to_string())
+        .collect();
+    assert_eq!(info.schedulers, discrete);
+    assert!(!info.schedulers.iter().any(|s| s == "flow_match_euler"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -369,7 +380,7 @@ async fn events_arrive_in_order_with_the_seed_and_every_image() {
     // The defaults were resolved before the pipeline saw the request.
     let seen = h.seen.lock().expect("lock").clone();
     assert_eq!(seen[0].guidance_scale, 7.5);
-    assert_eq!(seen[0].negative_prompt, "");
+    assert_eq!(seen[0].negative_prompt, None);
 
     // No seed: a random 32-bit one, reported in Started.
     let events = collect(&mut h.client, request("a dog"))

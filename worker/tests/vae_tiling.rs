@@ -28,7 +28,7 @@ fn vae_dir() -> PathBuf {
 fn load_vae(tiling: Option<TileSizes>) -> Result<Vae, Box<dyn std::error::Error>> {
     let dir = vae_dir();
     let file: VaeConfigFile = read_json("tiny-sd15", &dir.join("config.json"))?;
-    let spec = file.to_candle("tiny-sd15", &dir.join("config.json"))?;
+    let spec = file.to_spec("tiny-sd15", &dir.join("config.json"))?;
     let vb = load_var_builder(
         "tiny-sd15",
         &dir,

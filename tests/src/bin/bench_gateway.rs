@@ -132,6 +132,7 @@ impl Worker for StubWorker {
                 max_queue: 1024,
                 max_batch: 4,
                 max_prompt_tokens: 77,
+                max_sequence_length: 0,
             }),
             defaults: Some(Defaults {
                 guidance_scale: 7.5,

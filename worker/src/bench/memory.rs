@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use super::BenchSettings;
 use crate::config::{DTypeSpec, ModelConfig};
 use crate::error::{Result, WorkerError};
-use crate::pipelines::stable_diffusion::{NoProgress, TextToImage};
+use crate::pipelines::{NoProgress, TextToImage};
 use crate::startup;
 
 /// Starts the line a child reports on, so the parent can find it among other output.
@@ -162,7 +162,7 @@ pub fn run_child(
     let load_peak_kib = peak_rss_kib();
     let request = TextToImage {
         prompt: super::PROMPT.into(),
-        negative_prompt: String::new(),
+        negative_prompt: None,
         n: settings.images,
         width: settings.width,
         height: settings.height,
@@ -170,6 +170,7 @@ pub fn run_child(
         steps: settings.steps,
         guidance_scale: settings.guidance_scale,
         scheduler: backend.description().default_scheduler,
+        max_sequence_length: None,
     };
     let started = Instant::now();
     backend.text_to_image(&request, &mut NoProgress)?;

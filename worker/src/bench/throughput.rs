@@ -20,7 +20,7 @@ use fastfusion_proto::OutputFormat;
 use crate::config::ModelConfig;
 use crate::engine::{Engine, JobEvent, JobSpec, JobTask};
 use crate::error::{Result, WorkerError};
-use crate::pipelines::stable_diffusion::TextToImage;
+use crate::pipelines::TextToImage;
 use crate::schedulers::SchedulerKind;
 use crate::startup;
 
@@ -110,7 +110,7 @@ impl JobMaker {
             request_id: format!("bench-{seed}"),
             generation: TextToImage {
                 prompt: super::PROMPT.into(),
-                negative_prompt: String::new(),
+                negative_prompt: None,
                 n: s.images,
                 width: s.width,
                 height: s.height,
@@ -118,6 +118,7 @@ impl JobMaker {
                 steps: s.steps,
                 guidance_scale: s.guidance_scale,
                 scheduler: self.scheduler,
+                max_sequence_length: None,
             },
             task: JobTask::TextToImage,
             output_format: OutputFormat::Png,

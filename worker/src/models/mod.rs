@@ -11,6 +11,9 @@
 //! transformer.rs  the UNet's spatial transformer (exact-GELU GEGLU, as diffusers)
 //! vae.rs        the VAE (encoder with a seedable latent sample, decoder) from candle's blocks
 //! vae_tiling.rs tiled VAE encode/decode with overlap blending (diffusers' enable_tiling)
+//! flux/         FLUX.1 transformer (dev, schnell, Fill), latent packing and position ids
+//! t5.rs, t5_tokenizer.rs  FLUX's T5 v1.1 text encoder and its SentencePiece tokenizer
+//! redux.rs      FLUX.1 Redux image prompts (SigLIP + Redux embedder); pil_resize.rs Pillow's resize
 //! ```
 //!
 //! Pipelines put the pieces together.
@@ -18,6 +21,11 @@
 pub mod clip;
 pub mod component;
 pub mod config;
+pub mod flux;
+pub mod pil_resize;
+pub mod redux;
+pub mod t5;
+pub mod t5_tokenizer;
 pub mod tokenizer;
 pub mod transformer;
 pub mod unet;

@@ -1,24 +1,25 @@
-//! The conditional UNet of Stable Diffusion 1.x/2.x (diffusers `UNet2DConditionModel`).
+//! The conditional UNet of Stable Diffusion 1.x/2.x and SDXL (diffusers `UNet2DConditionModel`).
 //!
 //! ```text
-//! t ─sinusoids (f32)─▶ time MLP ─▶ temb            text embeds ─▶ every Transformer2D
+//! t ─sinusoids (f32)─▶ time MLP ─▶ temb ─(+ SDXL: add_embedding([pooled | sinusoids(time ids)]))
 //! x ─conv_in─▶ down blocks (resnets [+ transformers], downsample) ──▶ mid (resnet, transformer,
 //!   resnet) ──▶ up blocks (concat skip, resnets [+ transformers], upsample) ─▶ norm, silu, conv_out
+//!                                   text embeds ─▶ every Transformer2D's cross-attention
 //! ```
 //!
-//! Built from candle's plain-data `UNet2DConditionModelConfig` (filled from the repo's
-//! `unet/config.json` by `config.rs`). The resnets and time embedding are candle's; the blocks and
-//! the transformer are ours: candle's transformer uses tanh-approximated GELU, its plain down/up
-//! blocks ignore `norm_num_groups`, and it computes the timestep sinusoids in the model dtype where
-//! diffusers uses float32.
+//! Built from a [`UNetSpec`] (read from the repo's `unet/config.json` by `config.rs`): per-block
+//! heads, per-layer transformer depths (SDXL's `transformer_layers_per_block`, asymmetric UNets'
+//! reverse lists) and SDXL's `text_time` addition embedding. The resnets and time embeddings are
+//! candle's; the blocks and the transformer are ours: candle's transformer uses tanh-approximated
+//! GELU, its plain down/up blocks ignore `norm_num_groups`, it computes the timestep sinusoids in
+//! the model dtype where diffusers uses float32, and it has no addition embedding at all.
 
 use candle_core::{Module, Tensor, D};
 use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
 use candle_transformers::models::stable_diffusion::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
-use candle_transformers::models::stable_diffusion::unet_2d::UNet2DConditionModelConfig;
 
-use super::config::divides;
+use super::config::{divides, AdditionEmbedSpec, UNetBlockSpec, UNetSpec};
 use super::transformer::{Transformer2D, Transformer2DConfig};
 
 fn padded(padding: usize) -> Conv2dConfig {
@@ -111,18 +112,14 @@ impl Shared {
         ResnetBlock2D::new(vb, in_channels, cfg)
     }
 
-    /// `depth = None`: the block has no attention.
-    fn transformers(
+    /// One transformer of `depth` blocks.
+    fn transformer(
         &self,
         vb: VarBuilder,
-        count: usize,
         channels: usize,
         heads: usize,
-        depth: Option<usize>,
-    ) -> candle_core::Result<Vec<Transformer2D>> {
-        let Some(depth) = depth else {
-            return Ok(Vec::new());
-        };
+        depth: usize,
+    ) -> candle_core::Result<Transformer2D> {
         let cfg = Transformer2DConfig {
             channels,
             heads,
@@ -131,8 +128,25 @@ impl Shared {
             groups: self.groups,
             use_linear_projection: self.use_linear_projection,
         };
-        (0..count)
-            .map(|i| Transformer2D::new(vb.pp(i.to_string()), cfg))
+        Transformer2D::new(vb, cfg)
+    }
+
+    /// The transformers of a block, one per resnet at the depths the spec gives; none for a
+    /// block without attention.
+    fn transformers(
+        &self,
+        vb: VarBuilder,
+        block: &UNetBlockSpec,
+    ) -> candle_core::Result<Vec<Transformer2D>> {
+        let Some(depths) = &block.depths else {
+            return Ok(Vec::new());
+        };
+        depths
+            .iter()
+            .enumerate()
+            .map(|(i, &depth)| {
+                self.transformer(vb.pp(i.to_string()), block.out_channels, block.heads, depth)
+            })
             .collect()
     }
 }
@@ -214,11 +228,47 @@ struct MidBlock {
     second: ResnetBlock2D,
 }
 
+/// SDXL's `text_time` addition embedding (diffusers' `add_time_proj` + `add_embedding`).
+#[derive(Debug)]
+struct AdditionEmbedding {
+    time_proj: Timesteps,
+    embedding: TimestepEmbedding,
+}
+
+impl AdditionEmbedding {
+    /// `text_embeds` (b, pooled) and `time_ids` (b, k): each id through sinusoids (float32),
+    /// concatenated after the pooled embeddings, through the MLP; in `dtype`.
+    fn forward(
+        &self,
+        text_embeds: &Tensor,
+        time_ids: &Tensor,
+        dtype: candle_core::DType,
+    ) -> candle_core::Result<Tensor> {
+        let (b, _) = time_ids.dims2()?;
+        let time = self
+            .time_proj
+            .forward(&time_ids.flatten_all()?.to_dtype(candle_core::DType::F32)?)?
+            .reshape((b, ()))?;
+        let added = Tensor::cat(&[&text_embeds.to_dtype(dtype)?, &time.to_dtype(dtype)?], 1)?;
+        self.embedding.forward(&added)
+    }
+}
+
+/// What SDXL's UNet takes besides the text embeddings.
+#[derive(Debug, Clone, Copy)]
+pub struct AddedConditions<'a> {
+    /// (b, pooled width): the second text encoder's projected pooled output.
+    pub text_embeds: &'a Tensor,
+    /// (b, 6): original size, crop top-left and target size (height, width each).
+    pub time_ids: &'a Tensor,
+}
+
 /// Stable Diffusion's denoising UNet.
 #[derive(Debug)]
 pub struct UNet {
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
+    addition: Option<AdditionEmbedding>,
     conv_in: Conv2d,
     down_blocks: Vec<DownBlock>,
     mid_block: MidBlock,
@@ -229,51 +279,45 @@ pub struct UNet {
 }
 
 impl UNet {
-    /// Builds the UNet; `cfg.blocks` must not be empty (`config.rs` guarantees it).
-    pub fn new(
-        vb: VarBuilder,
-        in_channels: usize,
-        out_channels: usize,
-        cfg: &UNet2DConditionModelConfig,
-    ) -> candle_core::Result<Self> {
-        let blocks = &cfg.blocks;
-        let (Some(first), Some(last)) = (blocks.first(), blocks.last()) else {
+    /// Builds the UNet; the spec's block lists must not be empty (`config.rs` guarantees it).
+    pub fn new(vb: VarBuilder, spec: &UNetSpec) -> candle_core::Result<Self> {
+        let (Some(first), Some(last)) = (spec.down_blocks.first(), spec.down_blocks.last()) else {
             return Err(candle_core::Error::Msg("UNet config has no blocks".into()));
         };
-        let n = blocks.len();
+        let n = spec.down_blocks.len();
+        if spec.up_blocks.len() != n {
+            return Err(candle_core::Error::Msg(
+                "UNet config has as many up blocks as down blocks".into(),
+            ));
+        }
         let base = first.out_channels;
+        let temb_channels = base * 4;
         let shared = Shared {
-            temb_channels: base * 4,
-            groups: cfg.norm_num_groups,
-            eps: cfg.norm_eps,
-            context_dim: cfg.cross_attention_dim,
-            use_linear_projection: cfg.use_linear_projection,
+            temb_channels,
+            groups: spec.norm_num_groups,
+            eps: spec.norm_eps,
+            context_dim: spec.cross_attention_dim,
+            use_linear_projection: spec.use_linear_projection,
         };
 
         let down_vb = vb.pp("down_blocks");
         let mut down_blocks = Vec::with_capacity(n);
         let mut channels = base;
-        for (i, block) in blocks.iter().enumerate() {
+        for (i, block) in spec.down_blocks.iter().enumerate() {
             let vb = down_vb.pp(i.to_string());
             let out = block.out_channels;
-            let resnets = (0..cfg.layers_per_block)
+            let resnets = (0..block.resnets)
                 .map(|j| {
                     let inp = if j == 0 { channels } else { out };
                     shared.resnet(vb.pp("resnets").pp(j.to_string()), inp, out, 1.0)
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
-            let attentions = shared.transformers(
-                vb.pp("attentions"),
-                cfg.layers_per_block,
-                out,
-                block.attention_head_dim,
-                block.use_cross_attn,
-            )?;
+            let attentions = shared.transformers(vb.pp("attentions"), block)?;
             let downsample = if i + 1 < n {
                 Some(Downsample::new(
                     vb.pp("downsamplers.0"),
                     out,
-                    cfg.downsample_padding,
+                    spec.downsample_padding,
                 )?)
             } else {
                 None
@@ -293,37 +337,32 @@ impl UNet {
                 mid_vb.pp("resnets.0"),
                 mid_channels,
                 mid_channels,
-                cfg.mid_block_scale_factor,
+                spec.mid_block_scale_factor,
             )?,
-            attention: Transformer2D::new(
+            attention: shared.transformer(
                 mid_vb.pp("attentions.0"),
-                Transformer2DConfig {
-                    channels: mid_channels,
-                    heads: last.attention_head_dim,
-                    depth: last.use_cross_attn.unwrap_or(1),
-                    context_dim: shared.context_dim,
-                    groups: shared.groups,
-                    use_linear_projection: shared.use_linear_projection,
-                },
+                mid_channels,
+                spec.mid_heads,
+                spec.mid_depth,
             )?,
             second: shared.resnet(
                 mid_vb.pp("resnets.1"),
                 mid_channels,
                 mid_channels,
-                cfg.mid_block_scale_factor,
+                spec.mid_block_scale_factor,
             )?,
         };
 
         let up_vb = vb.pp("up_blocks");
         let mut up_blocks = Vec::with_capacity(n);
         let mut prev_out = mid_channels;
-        for i in 0..n {
-            let block = &blocks[n - 1 - i];
+        for (i, block) in spec.up_blocks.iter().enumerate() {
             let out = block.out_channels;
-            // The channels of the down block this one mirrors, i.e. of its last skip connection.
-            let skip_in = blocks[(n - 1 - i).saturating_sub(1)].out_channels;
+            // The channels of the down block one level further in, i.e. of this block's last
+            // skip connection (the outermost block's own for the last up block).
+            let skip_in = spec.down_blocks[(n - 1 - i).saturating_sub(1)].out_channels;
             let vb = up_vb.pp(i.to_string());
-            let layers = cfg.layers_per_block + 1;
+            let layers = block.resnets;
             let resnets = (0..layers)
                 .map(|j| {
                     let skip = if j + 1 == layers { skip_in } else { out };
@@ -331,13 +370,7 @@ impl UNet {
                     shared.resnet(vb.pp("resnets").pp(j.to_string()), inp + skip, out, 1.0)
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
-            let attentions = shared.transformers(
-                vb.pp("attentions"),
-                layers,
-                out,
-                block.attention_head_dim,
-                block.use_cross_attn,
-            )?;
+            let attentions = shared.transformers(vb.pp("attentions"), block)?;
             let upsample = if i + 1 < n {
                 Some(Upsample::new(vb.pp("upsamplers.0"), out)?)
             } else {
@@ -351,31 +384,61 @@ impl UNet {
             prev_out = out;
         }
 
+        let addition = spec
+            .addition
+            .map(
+                |AdditionEmbedSpec {
+                     time_embed_dim,
+                     in_features,
+                 }| {
+                    Ok::<_, candle_core::Error>(AdditionEmbedding {
+                        time_proj: Timesteps::new(
+                            time_embed_dim,
+                            spec.flip_sin_to_cos,
+                            spec.freq_shift,
+                        ),
+                        embedding: TimestepEmbedding::new(
+                            vb.pp("add_embedding"),
+                            in_features,
+                            temb_channels,
+                        )?,
+                    })
+                },
+            )
+            .transpose()?;
+
         Ok(Self {
-            time_proj: Timesteps::new(base, cfg.flip_sin_to_cos, cfg.freq_shift),
-            time_embedding: TimestepEmbedding::new(vb.pp("time_embedding"), base, base * 4)?,
-            conv_in: conv2d(in_channels, base, 3, padded(1), vb.pp("conv_in"))?,
+            time_proj: Timesteps::new(base, spec.flip_sin_to_cos, spec.freq_shift),
+            time_embedding: TimestepEmbedding::new(vb.pp("time_embedding"), base, temb_channels)?,
+            addition,
+            conv_in: conv2d(spec.in_channels, base, 3, padded(1), vb.pp("conv_in"))?,
             down_blocks,
             mid_block,
             up_blocks,
             conv_norm_out: group_norm(
-                cfg.norm_num_groups,
+                spec.norm_num_groups,
                 base,
-                cfg.norm_eps,
+                spec.norm_eps,
                 vb.pp("conv_norm_out"),
             )?,
-            conv_out: conv2d(base, out_channels, 3, padded(1), vb.pp("conv_out"))?,
-            center_input_sample: cfg.center_input_sample,
+            conv_out: conv2d(base, spec.out_channels, 3, padded(1), vb.pp("conv_out"))?,
+            center_input_sample: spec.center_input_sample,
         })
     }
 
+    /// True for SDXL's UNet, which needs [`AddedConditions`].
+    pub fn needs_added_conditions(&self) -> bool {
+        self.addition.is_some()
+    }
+
     /// Predicts the noise (or v) for `xs` (b, c, h, w) at `timestep`, conditioned on
-    /// `context` (b, seq, dim). Runs in `xs`'s dtype.
+    /// `context` (b, seq, dim) and, for SDXL, `added`. Runs in `xs`'s dtype.
     pub fn forward(
         &self,
         xs: &Tensor,
         timestep: f64,
         context: &Tensor,
+        added: Option<AddedConditions<'_>>,
     ) -> candle_core::Result<Tensor> {
         let (batch, _, h, w) = xs.dims4()?;
         let dtype = xs.dtype();
@@ -387,7 +450,23 @@ impl UNet {
         // The sinusoids in float32 like diffusers, then the MLP in the model dtype.
         let t = Tensor::full(timestep as f32, batch, xs.device())?;
         let temb = self.time_proj.forward(&t)?.to_dtype(dtype)?;
-        let temb = self.time_embedding.forward(&temb)?;
+        let mut temb = self.time_embedding.forward(&temb)?;
+        match (&self.addition, added) {
+            (Some(addition), Some(added)) => {
+                temb = (temb + addition.forward(added.text_embeds, added.time_ids, dtype)?)?;
+            }
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(candle_core::Error::Msg(
+                    "this UNet needs pooled text embeddings and time ids".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(candle_core::Error::Msg(
+                    "this UNet takes no pooled text embeddings or time ids".into(),
+                ))
+            }
+        }
         let context = context.to_dtype(dtype)?;
 
         let mut xs = self.conv_in.forward(&xs)?;

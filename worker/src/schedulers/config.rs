@@ -63,6 +63,19 @@ pub struct SchedulerConfig {
     /// `None` (or JSON `-Infinity`, which diffusers writes) means no clipping.
     pub lambda_min_clipped: Option<f64>,
     pub variance_type: Option<String>,
+    // Flow matching (FlowMatchEulerDiscreteScheduler)
+    pub shift: Option<f64>,
+    pub use_dynamic_shifting: Option<bool>,
+    pub base_shift: Option<f64>,
+    pub max_shift: Option<f64>,
+    pub base_image_seq_len: Option<usize>,
+    pub max_image_seq_len: Option<usize>,
+    /// "exponential" or "linear": how `mu` shifts the sigmas.
+    pub time_shift_type: Option<String>,
+    /// The last sigma the schedule is stretched to; `null` or 0 means none.
+    pub shift_terminal: Option<f64>,
+    pub invert_sigmas: Option<bool>,
+    pub stochastic_sampling: Option<bool>,
 }
 
 impl SchedulerConfig {

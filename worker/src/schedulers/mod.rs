@@ -22,7 +22,13 @@
 //! ddim.rs        DDIMScheduler (eta = 0)
 //! pndm.rs        PNDMScheduler (PLMS, with or without the Runge–Kutta warm-up)
 //! dpm_solver.rs  DPMSolverMultistepScheduler (DPM-Solver++ 2M, optionally with Karras sigmas)
+//! flow_match.rs  FlowMatchEulerDiscreteScheduler (FLUX: velocity prediction, shifted linear sigmas)
 //! ```
+//!
+//! Flow-matching models (FLUX) and the discrete-time ones (SD) take different schedulers:
+//! [`SchedulerKind::is_flow_matching`] tells them apart, and `build_with` refuses a kind whose family
+//! differs from the repo's scheduler class. A flow-matching schedule may depend on the packed image
+//! sequence length (dynamic shifting), passed in a [`ScheduleContext`].
 //!
 //! Tables are built once in [`SchedulerKind::build`]; `step` only reads them, except for the
 //! multistep schedulers (PNDM, DPM-Solver) which keep the previous model outputs. Tensor math runs in
@@ -33,6 +39,7 @@ mod config;
 mod ddim;
 mod dpm_solver;
 mod euler;
+mod flow_match;
 mod pndm;
 mod schedule;
 #[cfg(test)]
@@ -89,16 +96,26 @@ pub enum SchedulerKind {
     Pndm,
     DpmPp2m,
     DpmPp2mKarras,
+    /// FLUX's scheduler; only for flow-matching models.
+    FlowMatchEuler,
+}
+
+/// What a schedule may depend on besides the config and the step count.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScheduleContext {
+    /// Packed latent tokens per image (FLUX: `(height/16)·(width/16)`), for dynamic shifting.
+    pub image_seq_len: Option<usize>,
 }
 
 impl SchedulerKind {
-    pub const ALL: [SchedulerKind; 6] = [
+    pub const ALL: [SchedulerKind; 7] = [
         SchedulerKind::Euler,
         SchedulerKind::EulerAncestral,
         SchedulerKind::Ddim,
         SchedulerKind::Pndm,
         SchedulerKind::DpmPp2m,
         SchedulerKind::DpmPp2mKarras,
+        SchedulerKind::FlowMatchEuler,
     ];
 
     /// The name clients use in requests.
@@ -110,6 +127,21 @@ impl SchedulerKind {
             SchedulerKind::Pndm => "pndm",
             SchedulerKind::DpmPp2m => "dpmpp_2m",
             SchedulerKind::DpmPp2mKarras => "dpmpp_2m_karras",
+            SchedulerKind::FlowMatchEuler => "flow_match_euler",
+        }
+    }
+
+    /// Whether this kind steps a flow-matching (velocity) model such as FLUX rather than a
+    /// discrete-time diffusion model.
+    pub fn is_flow_matching(self) -> bool {
+        match self {
+            SchedulerKind::FlowMatchEuler => true,
+            SchedulerKind::Euler
+            | SchedulerKind::EulerAncestral
+            | SchedulerKind::Ddim
+            | SchedulerKind::Pndm
+            | SchedulerKind::DpmPp2m
+            | SchedulerKind::DpmPp2mKarras => false,
         }
     }
 
@@ -124,6 +156,7 @@ impl SchedulerKind {
             "EulerAncestralDiscreteScheduler" => Some(SchedulerKind::EulerAncestral),
             "DDIMScheduler" => Some(SchedulerKind::Ddim),
             "PNDMScheduler" => Some(SchedulerKind::Pndm),
+            flow_match::CLASS_NAME => Some(SchedulerKind::FlowMatchEuler),
             "DPMSolverMultistepScheduler" => {
                 // Only DPM-Solver++ of order 2 is implemented; other variants are a different kind.
                 let plus_plus =
@@ -142,13 +175,47 @@ impl SchedulerKind {
         }
     }
 
-    /// The scheduler of this kind for `num_inference_steps`, as diffusers builds it with
-    /// `Class.from_config(config, **overrides)` + `set_timesteps(num_inference_steps)`.
+    /// [`build_with`](Self::build_with) without context (enough for every discrete kind and for
+    /// flow matching without dynamic shifting).
     pub fn build(
         self,
         config: &SchedulerConfig,
         num_inference_steps: usize,
     ) -> Result<Box<dyn Scheduler>, WorkerError> {
+        self.build_with(config, num_inference_steps, &ScheduleContext::default())
+    }
+
+    /// The scheduler of this kind for `num_inference_steps`, as diffusers builds it with
+    /// `Class.from_config(config, **overrides)` + `set_timesteps(num_inference_steps)` (flow matching:
+    /// with FluxPipeline's sigmas and `mu`). A kind of the other family than the repo's scheduler
+    /// class is refused as an invalid `scheduler`: its schedule would be meaningless for the model.
+    pub fn build_with(
+        self,
+        config: &SchedulerConfig,
+        num_inference_steps: usize,
+        context: &ScheduleContext,
+    ) -> Result<Box<dyn Scheduler>, WorkerError> {
+        if let Some(class) = config.class_name.as_deref() {
+            let flow_model = class == flow_match::CLASS_NAME;
+            if flow_model != self.is_flow_matching() {
+                let family = |flow| {
+                    if flow {
+                        "flow-matching"
+                    } else {
+                        "discrete-time"
+                    }
+                };
+                return Err(WorkerError::invalid(
+                    "scheduler",
+                    format!(
+                        "'{}' is a {} scheduler; this model's scheduler ({class}) is {}",
+                        self.name(),
+                        family(self.is_flow_matching()),
+                        family(flow_model)
+                    ),
+                ));
+            }
+        }
         Ok(match self {
             SchedulerKind::Euler => Box::new(euler::Euler::discrete(config, num_inference_steps)?),
             SchedulerKind::EulerAncestral => {
@@ -165,6 +232,11 @@ impl SchedulerKind {
                 config,
                 num_inference_steps,
                 true,
+            )?),
+            SchedulerKind::FlowMatchEuler => Box::new(flow_match::FlowMatchEuler::new(
+                config,
+                num_inference_steps,
+                context,
             )?),
         })
     }

@@ -250,6 +250,37 @@ fn kinds_round_trip_names_and_configs() {
         SchedulerKind::from_config(&named("LMSDiscreteScheduler")),
         None
     );
+    assert_eq!(
+        SchedulerKind::from_config(&named("FlowMatchEulerDiscreteScheduler")),
+        Some(SchedulerKind::FlowMatchEuler)
+    );
+}
+
+#[test]
+fn families_do_not_mix() {
+    let flow = SchedulerConfig {
+        class_name: Some("FlowMatchEulerDiscreteScheduler".into()),
+        ..Default::default()
+    };
+    let discrete = SchedulerConfig {
+        class_name: Some("PNDMScheduler".into()),
+        ..Default::default()
+    };
+    for kind in SchedulerKind::ALL {
+        let (own, other) = if kind.is_flow_matching() {
+            (&flow, &discrete)
+        } else {
+            (&discrete, &flow)
+        };
+        assert!(kind.build(own, 4).is_ok(), "{}", kind.name());
+        match kind.build(other, 4) {
+            Err(crate::error::WorkerError::InvalidArgument { param, .. }) => {
+                assert_eq!(param, "scheduler", "{}", kind.name())
+            }
+            Err(e) => panic!("{}: {e}", kind.name()),
+            Ok(_) => panic!("{} built for the other family", kind.name()),
+        }
+    }
 }
 
 #[test]
@@ -261,8 +292,9 @@ fn invalid_step_counts_and_indices_are_errors() {
             "{} with 0 steps",
             kind.name()
         );
+        // Discrete schedules cannot have more steps than training timesteps; flow matching can.
         assert!(
-            kind.build(&config, 1001).is_err(),
+            kind.is_flow_matching() || kind.build(&config, 1001).is_err(),
             "{} with 1001 steps",
             kind.name()
         );

@@ -1,22 +1,24 @@
-//! Several requests through one denoising loop: the pipeline's side of dynamic batching (the
-//! engine decides which requests run together), and the loop every single request runs too.
+//! THE denoising loop, for every family: several requests through shared forward passes (the
+//! pipeline's side of dynamic batching; the engine decides which requests run together), and the
+//! loop every single request runs too.
 //!
 //! Each request keeps everything that makes its images its own: its prompt's conditioning and
 //! guidance scale, its generator (initial noise, and an ancestral scheduler's per-step noise, are
 //! drawn from it in the same order as in a run alone), its scheduler state, its image-task inputs
-//! and its observer. Only the UNet pass is shared:
+//! and its observer. Only the denoiser pass is shared:
 //!
 //! ```text
 //! entries ─check, encode prompt, prepare (each)─▶ Running { conditioning, plan, latents }
-//!         (all must share the timesteps, the first step and the latent size)
-//! per step   UNet([rows of a | rows of b | …], t, [embeds of a | embeds of b | …])
+//!         (all must share the timesteps, the first step, the latent size and the
+//!          conditioning's shape)
+//! per step   denoiser([rows of a | rows of b | …], t, [conditioning of a | of b | …])
 //!            ─split─▶ a: guidance(g_a) → scheduler_a.step(rng_a) [→ blend_a] → progress_a
 //!                     b: …            (a Break drops that request's rows from the next step on)
 //! each       VAE decode, one image at a time
 //! ```
 //!
 //! A request's rows are laid out as in a run alone (`[scaled×n; scaled×n]` against
-//! `[uncond×n; cond×n]` with guidance, plus an inpainting UNet's extra channels), so a batch of
+//! `[uncond×n; cond×n]` with guidance, plus an inpainting model's extra channels), so a batch of
 //! one is exactly the solo pipeline: `text_to_image`, `image_to_image` and `inpaint` are that.
 //!
 //! Previews ([`Progress::partial_images`]): after the steps [`preview_steps`] picks, the
@@ -26,37 +28,71 @@
 
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Tensor};
-use image::{GrayImage, RgbImage};
+use candle_core::Tensor;
+use image::RgbImage;
 
-use super::{Conditioning, Plan, Progress, StableDiffusion, Stage, TextToImage};
+use super::conditioning::Conditioning;
+use super::{BatchEntry, Input, Pipeline, Progress, Stage, TextToImage};
 use crate::error::{Result, WorkerError};
 use crate::rng::TorchRng;
+use crate::schedulers::Scheduler;
 
 /// Most previews one request may ask for (OpenAI's `partial_images` is 0 to 3).
 pub const MAX_PARTIAL_IMAGES: usize = 3;
 
-/// What a request starts from besides its prompt, already at the output size.
-#[derive(Debug, Clone, Copy)]
-pub enum Input<'a> {
-    Text,
-    Image {
-        image: &'a RgbImage,
-        strength: f64,
-    },
-    /// `mask` is white where the model repaints.
-    Inpaint {
-        image: &'a RgbImage,
-        mask: &'a GrayImage,
-        strength: f64,
-    },
+/// How the denoising loop runs for one request.
+pub(super) struct Plan {
+    pub(super) scheduler: Box<dyn Scheduler>,
+    /// The request's generator, after the draws that made the initial latents (ancestral
+    /// schedulers keep drawing from it).
+    pub(super) rng: TorchRng,
+    /// Loop index of the first step: 0, or later for image-to-image strengths below 1.
+    pub(super) start: usize,
+    /// Inpainting models: what they take besides the latents (mask and masked-image latents),
+    /// appended to the denoiser input's channels, already doubled for guidance.
+    pub(super) extra_channels: Option<Tensor>,
+    /// Inpainting with an ordinary model: keeps the original outside the mask after each step.
+    pub(super) blend: Option<Blend>,
+    /// FLUX: denoise with the Fill transformer loaded beside the ordinary one.
+    pub(super) fill: bool,
 }
 
-/// One request of a batch.
-pub struct BatchEntry<'a> {
-    pub request: &'a TextToImage,
-    pub input: Input<'a>,
-    pub progress: &'a mut dyn Progress,
+impl Plan {
+    pub(super) fn new(scheduler: Box<dyn Scheduler>, rng: TorchRng) -> Self {
+        Plan {
+            scheduler,
+            rng,
+            start: 0,
+            extra_channels: None,
+            blend: None,
+            fill: false,
+        }
+    }
+}
+
+/// Inpainting with an ordinary model: after each step, outside the mask the latents are replaced
+/// by the original image's latents noised to the next step's level (diffusers' blending).
+pub(super) struct Blend {
+    /// The input image's latents, (n, C, h, w) float32.
+    pub(super) original: Tensor,
+    /// The noise the initial latents were made with, reused to noise the original.
+    pub(super) noise: Tensor,
+    /// (n, 1, h, w) float32: 1 where the model repaints, 0 where the original stays.
+    pub(super) mask: Tensor,
+}
+
+impl Blend {
+    /// `(1 - mask) · original_noised + mask · latents`, with the original noised to loop index
+    /// `next` (not noised after the last step).
+    fn apply(&self, scheduler: &dyn Scheduler, latents: &Tensor, next: usize) -> Result<Tensor> {
+        let original = if next < scheduler.timesteps().len() {
+            scheduler.add_noise(&self.original, &self.noise, next)?
+        } else {
+            self.original.clone()
+        };
+        let keep = self.mask.affine(-1.0, 1.0)?;
+        Ok((original.broadcast_mul(&keep)? + latents.broadcast_mul(&self.mask)?)?)
+    }
 }
 
 /// The steps (counted from 1 at the request's first step, as `Progress::on_step` counts them)
@@ -88,7 +124,7 @@ struct Running {
     decode: Duration,
 }
 
-impl StableDiffusion {
+impl Pipeline {
     /// Runs `entries` together: one UNet pass per step for all of them. Returns one result per
     /// entry, in order. A request that fails its checks or is cancelled (its observer breaks)
     /// fails alone; a failed shared pass fails every request still in the loop. Entries must
@@ -164,27 +200,26 @@ impl StableDiffusion {
     }
 
     /// Checks a request, encodes its prompt and prepares its initial latents and loop (the
-    /// generator draws in diffusers' order, see `edit.rs`).
+    /// generator draws in diffusers' order, see `image_tasks.rs`).
     fn start(&self, index: usize, entry: &mut BatchEntry<'_>) -> Result<Running> {
         let req = entry.request;
         self.check_request(req)?;
-        if self.inpaint_unet && matches!(entry.input, Input::Text) {
+        if self.inpaint_unet && matches!(entry.input, Input::Text | Input::Redux { .. }) {
             return Err(WorkerError::TaskDisabled(
                 "text-to-image with an inpainting model".into(),
             ));
         }
         self.check_inputs(req, entry.input)?;
-        let guidance = (req.guidance_scale > 1.0).then_some(req.guidance_scale);
         let started = Instant::now();
-        let cond = self.conditioning(&req.prompt, &req.negative_prompt, req.n, guidance)?;
+        let cond = self.request_conditioning(req, entry.input)?;
         entry
             .progress
             .on_stage(Stage::EncodePrompt, started.elapsed());
         let started = Instant::now();
-        let scheduler = req.scheduler.build(&self.scheduler_config, req.steps)?;
+        let scheduler = self.scheduler(req)?;
         let rng = TorchRng::new(req.seed);
         let (plan, latents) = match entry.input {
-            Input::Text => self.prepare_text(req, scheduler, rng)?,
+            Input::Text | Input::Redux { .. } => self.prepare_text(req, scheduler, rng)?,
             Input::Image { image, strength } => {
                 self.prepare_image_to_image(req, image, strength, scheduler, rng)?
             }
@@ -255,7 +290,7 @@ impl StableDiffusion {
         Ok(previews)
     }
 
-    /// One step for every running request: one UNet pass over all their rows, then each
+    /// One step for every running request: one denoiser pass over all their rows, then each
     /// request's guidance, scheduler step and blending on its own slice of the output.
     fn batch_step(&self, running: &mut [Running], step_index: usize) -> Result<()> {
         let Some(first) = running.first() else {
@@ -270,7 +305,7 @@ impl StableDiffusion {
                 WorkerError::Internal(format!("step {step_index} is past the schedule"))
             })?;
         let mut inputs = Vec::with_capacity(running.len());
-        let mut embeds = Vec::with_capacity(running.len());
+        let mut conds = Vec::with_capacity(running.len());
         for r in running.iter() {
             // Scaling depends only on the step, so scale once and then duplicate for guidance.
             let scaled = r.plan.scheduler.scale_model_input(&r.latents, step_index)?;
@@ -282,23 +317,28 @@ impl StableDiffusion {
                 input = Tensor::cat(&[&input, extra], 1)?;
             }
             inputs.push(input);
-            embeds.push(&r.cond.embeds);
+            conds.push(&r.cond);
         }
-        let output = self
-            .unet
-            .get()?
-            .forward(
-                &Tensor::cat(&inputs, 0)?.to_dtype(self.dtype)?,
-                timestep,
-                &Tensor::cat(&embeds, 0)?,
-            )?
-            .to_dtype(DType::F32)?;
+        let denoiser = match (first.plan.fill, &self.fill) {
+            (true, Some(fill)) => fill,
+            (true, None) => {
+                return Err(WorkerError::Internal(
+                    "a Fill step without a Fill transformer".into(),
+                ))
+            }
+            (false, _) => &self.denoiser,
+        };
+        let output = denoiser.predict(
+            &Tensor::cat(&inputs, 0)?.to_dtype(self.dtype)?,
+            timestep,
+            &Conditioning::cat(&conds)?,
+        )?;
         let mut offset = 0;
         for r in running.iter_mut() {
-            let rows = r.cond.embeds.dim(0)?;
+            let rows = r.cond.rows()?;
             let own = output.narrow(0, offset, rows)?;
             offset += rows;
-            let noise_pred = match r.cond.guidance {
+            let prediction = match r.cond.guidance {
                 Some(g) => {
                     let halves = own.chunk(2, 0)?;
                     let (uncond, text) = (&halves[0], &halves[1]);
@@ -309,7 +349,7 @@ impl StableDiffusion {
             let plan = &mut r.plan;
             r.latents = plan
                 .scheduler
-                .step(&noise_pred, step_index, &r.latents, &mut plan.rng)?;
+                .step(&prediction, step_index, &r.latents, &mut plan.rng)?;
             if let Some(blend) = &plan.blend {
                 r.latents = blend.apply(plan.scheduler.as_ref(), &r.latents, step_index + 1)?;
             }
@@ -318,12 +358,18 @@ impl StableDiffusion {
     }
 }
 
-/// Whether two requests can share every UNet pass: the same timesteps from the same first step,
-/// and latents of the same size.
+/// Whether two requests can share every denoiser pass: the same timesteps from the same first
+/// step, latents of the same size and conditioning of the same shape.
 fn shares_passes(a: &Running, b: &Running) -> bool {
+    let shape = |t: Option<&Tensor>| t.map(|t| t.dims()[1..].to_vec());
     a.plan.start == b.plan.start
+        && a.plan.fill == b.plan.fill
         && a.plan.scheduler.timesteps() == b.plan.scheduler.timesteps()
         && a.latents.dims().get(1..) == b.latents.dims().get(1..)
+        && shape(Some(&a.cond.context)) == shape(Some(&b.cond.context))
+        && shape(a.cond.pooled.as_ref()) == shape(b.cond.pooled.as_ref())
+        && shape(a.cond.time_ids.as_ref()) == shape(b.cond.time_ids.as_ref())
+        && a.cond.guidance_embed.is_some() == b.cond.guidance_embed.is_some()
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
-//! Image-to-image and inpainting on [`StableDiffusion`], as diffusers'
-//! `StableDiffusionImg2ImgPipeline` and `StableDiffusionInpaintPipeline` do them.
+//! Image-to-image and inpainting for every family, as diffusers'
+//! `StableDiffusion[XL]Img2ImgPipeline` and `StableDiffusion[XL]InpaintPipeline` do them (the SDXL
+//! classes prepare latents, masks and draws exactly like the SD ones).
 //!
 //! Inputs arrive decoded and already at the output size (`crate::inputs` decodes and resizes
 //! uploads); the mask is 8-bit grey, white where the model repaints (diffusers' convention).
@@ -8,67 +9,48 @@
 //!
 //! ```text
 //! image-to-image                     encode(image) [1,C,h,w] → noise [n,C,h,w]
-//! inpaint, 4-channel UNet            encode(image) → noise → encode(masked image)
-//! inpaint, 9-channel, strength < 1   encode(image) → noise → encode(masked image)
-//! inpaint, 9-channel, strength = 1   noise → encode(masked image)
+//! inpaint, ordinary UNet             encode(image) → noise → encode(masked image)
+//! inpaint, inpainting UNet, s < 1    encode(image) → noise → encode(masked image)
+//! inpaint, inpainting UNet, s = 1    noise → encode(masked image)
 //! ```
 //!
 //! then whatever an ancestral scheduler draws per step. diffusers encodes the masked image even
 //! for 4-channel UNets, which never use it; we only advance the generator by the same draw.
+//! FLUX draws as the ordinary-UNet rows (`FluxImg2ImgPipeline`, `FluxInpaintPipeline`), and
+//! `FluxFillPipeline` always encodes the image first, whatever the strength.
 //!
-//! `strength` picks the first step as diffusers' `get_timesteps`: `int(steps × strength)` steps
-//! run, from loop index `steps − that`; the initial latents are the image's latents noised to
-//! that step, except for inpainting at strength 1, which starts from pure noise.
+//! `strength` picks the first step as diffusers' `get_timesteps`: SD and SDXL run
+//! `int(steps × strength)` steps, from loop index `steps − that`; FLUX starts at
+//! `int(steps − steps × strength)` ([`super::StrengthRule`]). The initial latents are the image's
+//! latents noised to that step, except for inpainting at strength 1, which starts from pure noise
+//! (FLUX's `scale_noise` at sigma 1 is that noise too).
+//!
+//! An inpainting model's extra channels follow the latents: SD's `[mask, masked-image latents]`,
+//! FLUX Fill's `[masked-image latents, mask as vae_scale² channels]` (the pixel mask folded
+//! per latent, see `models::flux::fill_mask_channels`). FLUX runs no classifier-free guidance,
+//! so they are never doubled.
 
 use candle_core::{DType, Device, Tensor};
 use image::{GrayImage, RgbImage};
 
-use super::{Blend, Input, Plan, Progress, StableDiffusion, TextToImage};
+use super::denoise::{Blend, Plan};
+use super::{Family, Input, Pipeline, TextToImage};
 use crate::error::{Result, WorkerError};
+use crate::models::flux::fill_mask_channels;
 use crate::rng::TorchRng;
 use crate::schedulers::Scheduler;
 
-impl StableDiffusion {
-    /// Generates `req.n` variations of `image` (already `req.width` × `req.height`), keeping
-    /// `1 − strength` of the schedule's way from it. An inpainting model does this as an
-    /// inpaint of the whole picture.
-    pub fn image_to_image(
-        &self,
-        req: &TextToImage,
-        image: &RgbImage,
-        strength: f64,
-        progress: &mut dyn Progress,
-    ) -> Result<Vec<RgbImage>> {
-        self.run_one(req, Input::Image { image, strength }, progress)
-    }
-
-    /// Repaints the white part of `mask` in `image` (both `req.width` × `req.height`).
-    /// Inpainting UNets see the mask and the masked image; ordinary UNets keep the original
-    /// outside the mask after every step.
-    pub fn inpaint(
-        &self,
-        req: &TextToImage,
-        image: &RgbImage,
-        mask: &GrayImage,
-        strength: f64,
-        progress: &mut dyn Progress,
-    ) -> Result<Vec<RgbImage>> {
-        let input = Input::Inpaint {
-            image,
-            mask,
-            strength,
-        };
-        self.run_one(req, input, progress)
-    }
-
+impl Pipeline {
     /// Checks an image task's inputs against the request before any work is done: sizes, and a
     /// strength that leaves a step to run.
     pub(super) fn check_inputs(&self, req: &TextToImage, input: Input<'_>) -> Result<()> {
         match input {
-            Input::Text => Ok(()),
+            Input::Text | Input::Redux { .. } => Ok(()),
             Input::Image { image, strength } => {
                 check_input(req, image.dimensions(), "image")?;
-                first_step(req.steps, strength).map(drop)
+                self.strength_rule()
+                    .first_step(req.steps, strength)
+                    .map(drop)
             }
             Input::Inpaint {
                 image,
@@ -77,7 +59,9 @@ impl StableDiffusion {
             } => {
                 check_input(req, image.dimensions(), "image")?;
                 check_input(req, mask.dimensions(), "mask")?;
-                first_step(req.steps, strength).map(drop)
+                self.strength_rule()
+                    .first_step(req.steps, strength)
+                    .map(drop)
             }
         }
     }
@@ -96,7 +80,7 @@ impl StableDiffusion {
                 GrayImage::from_pixel(image.width(), image.height(), image::Luma([255]));
             return self.prepare_inpaint(req, image, &everything, strength, scheduler, rng);
         }
-        let start = first_step(req.steps, strength)?;
+        let start = self.strength_rule().first_step(req.steps, strength)?;
         let pixels = pixels_to_tensor(image, &self.device)?;
         let original = self
             .encode_image(&pixels, &mut rng)?
@@ -119,12 +103,16 @@ impl StableDiffusion {
         scheduler: Box<dyn Scheduler>,
         mut rng: TorchRng,
     ) -> Result<(Plan, Tensor)> {
-        let start = first_step(req.steps, strength)?;
+        let start = self.strength_rule().first_step(req.steps, strength)?;
         // diffusers compares the float exactly: only 1.0 starts from pure noise.
         let from_noise = strength == 1.0;
+        let flux = self.family() == Family::Flux;
+        // A Fill transformer beside an ordinary FLUX model makes this an inpainting model's run.
+        let fill = self.fill.is_some();
+        let inpainting_model = self.inpaint_unet || fill;
         let pixels = pixels_to_tensor(image, &self.device)?;
         let mask = mask_to_tensor(mask, &self.device)?;
-        let original = if !self.inpaint_unet || !from_noise {
+        let original = if !inpainting_model || !from_noise || flux {
             Some(
                 self.encode_image(&pixels, &mut rng)?
                     .repeat((req.n, 1, 1, 1))?,
@@ -140,17 +128,23 @@ impl StableDiffusion {
         };
         let latent_mask = self.mask_to_latent_size(&mask)?.repeat((req.n, 1, 1, 1))?;
         let mut extra_channels = None;
-        if self.inpaint_unet {
+        if inpainting_model {
             // Zero (grey) where the model repaints, the picture elsewhere.
             let kept = pixels.broadcast_mul(&mask.affine(-1.0, 1.0)?)?;
             let masked = self
                 .encode_image(&kept, &mut rng)?
                 .repeat((req.n, 1, 1, 1))?;
-            let extra = Tensor::cat(&[&latent_mask, &masked], 1)?;
-            extra_channels = Some(if req.guidance_scale > 1.0 {
-                Tensor::cat(&[&extra, &extra], 0)?
+            extra_channels = Some(if flux {
+                let folded =
+                    fill_mask_channels(&mask, self.vae.scale_factor())?.repeat((req.n, 1, 1, 1))?;
+                Tensor::cat(&[&masked, &folded], 1)?
             } else {
-                extra
+                let extra = Tensor::cat(&[&latent_mask, &masked], 1)?;
+                if req.guidance_scale > 1.0 {
+                    Tensor::cat(&[&extra, &extra], 0)?
+                } else {
+                    extra
+                }
             });
         } else {
             // diffusers samples the masked image's latents here too, then never uses them:
@@ -161,8 +155,9 @@ impl StableDiffusion {
         let mut plan = Plan::new(scheduler, rng);
         plan.start = start;
         plan.extra_channels = extra_channels;
+        plan.fill = fill;
         plan.blend = match original {
-            Some(original) if !self.inpaint_unet => Some(Blend {
+            Some(original) if !inpainting_model => Some(Blend {
                 original,
                 noise,
                 mask: latent_mask,
@@ -172,17 +167,16 @@ impl StableDiffusion {
         Ok((plan, latents))
     }
 
-    /// `scaling_factor × latent_dist.sample(rng)` of pixels (1, 3, H, W) in [-1, 1]: float32
-    /// latents (1, C, H / f, W / f).
+    /// The scaled latents of pixels (1, 3, H, W) in [-1, 1], sampled with `rng`: float32
+    /// (1, C, H / f, W / f).
     fn encode_image(&self, pixels: &Tensor, rng: &mut TorchRng) -> Result<Tensor> {
-        let dist = self.vae.get()?.encode(&pixels.to_dtype(self.dtype)?)?;
-        Ok((dist.sample(rng)? * self.vae_scaling_factor)?)
+        self.vae.encode(pixels, rng)
     }
 
     /// The mask at latent resolution, as torch's default (nearest) `interpolate` shrinks it by
     /// the whole factor f: the pixel at (y·f, x·f) for latent (y, x).
     fn mask_to_latent_size(&self, mask: &Tensor) -> Result<Tensor> {
-        let f = self.vae_scale_factor;
+        let f = self.vae.scale_factor();
         let (b, c, h, w) = mask.dims4()?;
         Ok(mask
             .reshape((b, c, h / f, f, w / f, f))?
@@ -212,6 +206,21 @@ pub fn first_step(steps: usize, strength: f64) -> Result<usize> {
         ));
     }
     Ok(steps - run)
+}
+
+/// The first loop index for `strength`, as `Flux*Pipeline.get_timesteps`:
+/// `int(max(steps − steps × strength, 0))`. At least one step always runs for a strength in
+/// (0, 1].
+pub fn flux_first_step(steps: usize, strength: f64) -> Result<usize> {
+    if !(strength > 0.0 && strength <= 1.0) {
+        return Err(WorkerError::invalid(
+            "strength",
+            format!("must be in (0, 1], got {strength}"),
+        ));
+    }
+    let init = (steps as f64 * strength).min(steps as f64);
+    // `int()` truncates; the difference is in [0, steps).
+    Ok(((steps as f64 - init).max(0.0) as usize).min(steps.saturating_sub(1)))
 }
 
 /// The input must already be at the output size (the service resizes uploads).
@@ -267,6 +276,12 @@ mod tests {
         for bad in [0.0, -0.1, 1.01, f64::NAN] {
             assert!(first_step(10, bad).is_err(), "{bad}");
         }
+        // FLUX: int(4 − 2.4) = 1, int(4 − 3.2) = 0, and a small strength still runs one step.
+        assert_eq!(flux_first_step(4, 0.6)?, 1);
+        assert_eq!(flux_first_step(4, 0.8)?, 0);
+        assert_eq!(flux_first_step(4, 1.0)?, 0);
+        assert_eq!(flux_first_step(3, 0.2)?, 2);
+        assert!(flux_first_step(3, 0.0).is_err());
         // int(3 * 0.2) = 0: nothing would run.
         assert!(matches!(
             first_step(3, 0.2),
