@@ -409,6 +409,9 @@ pub struct Model {
     pub max_n: u32,
     /// Most denoising steps per request.
     pub max_steps: u32,
+    /// FLUX: the most T5 tokens `max_sequence_length` may ask for; absent for models without T5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_sequence_length: Option<u32>,
     /// Names accepted in `scheduler`.
     pub schedulers: Vec<String>,
     /// The scheduler used when a request names none (the model's own).

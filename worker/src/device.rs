@@ -132,6 +132,21 @@ fn spec_name(dtype: DType) -> &'static str {
     }
 }
 
+/// Whether `device` runs matmuls and convolutions in `dtype` (CPU: not bfloat16).
+pub fn supports(dtype: DType, device: &Device) -> bool {
+    probe(dtype, device).is_ok()
+}
+
+/// The dtype for a part that overflows in float16 (T5, and the Redux prior run beside it) when
+/// the model runs in `run`: bfloat16 where the device has it, else float32; other dtypes stay.
+pub fn without_float16(run: DType, device: &Device) -> DType {
+    match run {
+        DType::F16 if supports(DType::BF16, device) => DType::BF16,
+        DType::F16 => DType::F32,
+        other => other,
+    }
+}
+
 /// Runs the two operations a diffusion model is made of (matmul, conv2d) in `dtype` on `device`.
 fn probe(dtype: DType, device: &Device) -> candle_core::Result<()> {
     let x = Tensor::ones((1, 4, 8, 8), dtype, device)?;

@@ -12,12 +12,14 @@
 //! | component kind                          | files                                                   |
 //! |-----------------------------------------|---------------------------------------------------------|
 //! | class `...Scheduler`                    | `scheduler_config.json`                                 |
-//! | class `...Tokenizer...`                 | `tokenizer.json`, else `vocab.json` + `merges.txt`; optional `tokenizer_config.json`, `special_tokens_map.json` |
-//! | library `diffusers` (unet, vae, ...)    | `config.json` + `diffusion_pytorch_model.safetensors` (or its sharded `.index.json` and shards) |
+//! | class `...Tokenizer...`                 | `tokenizer.json`, else `vocab.json` + `merges.txt` (T5: else `spiece.model`); optional `tokenizer_config.json`, `special_tokens_map.json` |
+//! | library `diffusers` or `flux` (unet, vae, transformer, Redux `image_embedder`) | `config.json` + `diffusion_pytorch_model.safetensors` (or its sharded `.index.json` and shards) |
 //! | library `transformers` (text encoders)  | `config.json` + `model.safetensors` (or sharded)         |
+//! | class `...ImageProcessor` (Redux only)  | `preprocessor_config.json`                              |
 //!
-//! `safety_checker`, `feature_extractor` and `image_encoder` are never loaded by our pipelines and
-//! are skipped, as are components listed as `[null, null]`. Local directories are checked the
+//! `safety_checker`, `feature_extractor` and `image_encoder` are never loaded by the generation
+//! pipelines and are skipped (a `FluxPriorReduxPipeline` repo loads its SigLIP `image_encoder`
+//! and `feature_extractor`), as are components listed as `[null, null]`. Local directories are checked the
 //! same way, so a broken model fails at start-up naming the missing file, not mid-request.
 //!
 //! Hub access, from the environment ([`HubSettings::from_env`], the variables Python's
@@ -346,17 +348,25 @@ enum ComponentKind {
     Tokenizer,
     DiffusersModel,
     TransformersModel,
+    ImageProcessor,
 }
 
-/// The kind of component `name` listed as `[library, class]`; `None` when we never load it.
-fn component_kind(name: &str, library: &str, class: &str) -> Option<ComponentKind> {
-    if UNUSED_COMPONENTS.contains(&name) {
+/// The Redux prior's class: the one repo whose image encoder and processor are loaded.
+const REDUX_PIPELINE: &str = "FluxPriorReduxPipeline";
+
+/// The kind of component `name` listed as `[library, class]` in a `pipeline` repo; `None` when
+/// we never load it.
+fn component_kind(pipeline: &str, name: &str, library: &str, class: &str) -> Option<ComponentKind> {
+    if pipeline == REDUX_PIPELINE && class.ends_with("ImageProcessor") {
+        Some(ComponentKind::ImageProcessor)
+    } else if UNUSED_COMPONENTS.contains(&name) && pipeline != REDUX_PIPELINE {
         None
     } else if class.ends_with("Scheduler") {
         Some(ComponentKind::Scheduler)
     } else if class.contains("Tokenizer") {
         Some(ComponentKind::Tokenizer)
-    } else if library == "diffusers" {
+    } else if library == "diffusers" || library == "flux" {
+        // `flux`: models defined in diffusers' FLUX pipeline module (Redux's image embedder).
         Some(ComponentKind::DiffusersModel)
     } else if library == "transformers" {
         Some(ComponentKind::TransformersModel)
@@ -377,6 +387,10 @@ fn fetch_model_files(source: &dyn FileSource) -> Result<PathBuf> {
     let entries = index.as_object().ok_or_else(|| {
         WorkerError::model_load(source.name(), MODEL_INDEX, "is not a JSON object")
     })?;
+    let pipeline = entries
+        .get("_class_name")
+        .and_then(|c| c.as_str())
+        .unwrap_or("");
     for (name, value) in entries {
         // `_class_name`, `_diffusers_version` and flags like `requires_safety_checker` are not
         // components; components are `[library, class]` pairs, `[null, null]` when absent.
@@ -389,11 +403,16 @@ fn fetch_model_files(source: &dyn FileSource) -> Result<PathBuf> {
         let (Some(library), Some(class)) = (library.as_str(), class.as_str()) else {
             continue;
         };
-        match component_kind(name, library, class) {
+        match component_kind(pipeline, name, library, class) {
             Some(ComponentKind::Scheduler) => {
                 require(source, &format!("{name}/scheduler_config.json"))?;
             }
-            Some(ComponentKind::Tokenizer) => fetch_tokenizer(source, name)?,
+            Some(ComponentKind::Tokenizer) => {
+                fetch_tokenizer(source, name, class.starts_with("T5"))?
+            }
+            Some(ComponentKind::ImageProcessor) => {
+                require(source, &format!("{name}/preprocessor_config.json"))?;
+            }
             Some(ComponentKind::DiffusersModel) => {
                 require(source, &format!("{name}/config.json"))?;
                 fetch_weights(source, name, "diffusion_pytorch_model")?;
@@ -411,10 +430,16 @@ fn fetch_model_files(source: &dyn FileSource) -> Result<PathBuf> {
 }
 
 /// `tokenizer.json` (what transformers 5 writes), else the `vocab.json` + `merges.txt` pair
-/// many Hub repos have; the two small side files are used when present.
-fn fetch_tokenizer(source: &dyn FileSource, dir: &str) -> Result<()> {
+/// many Hub repos have (T5: else SentencePiece's `spiece.model`); the two small side files are
+/// used when present.
+fn fetch_tokenizer(source: &dyn FileSource, dir: &str, t5: bool) -> Result<()> {
     let tokenizer_json = format!("{dir}/tokenizer.json");
     if source.fetch(&tokenizer_json)?.is_none() {
+        if t5 {
+            require(source, &format!("{dir}/spiece.model"))?;
+            source.fetch(&format!("{dir}/tokenizer_config.json"))?;
+            return Ok(());
+        }
         if source.fetch(&format!("{dir}/vocab.json"))?.is_none() {
             return Err(WorkerError::model_load(
                 source.name(),
@@ -629,6 +654,77 @@ mod tests {
             assert_eq!(source, id);
             assert_eq!(file, Path::new(missing), "{message}");
             assert!(message.contains("missing from"), "{message}");
+        }
+    }
+
+    /// A copy of the fixture `name` (tiny FLUX repos).
+    fn fixture_copy(name: &str) -> tempfile::TempDir {
+        let from = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/models")
+            .join(name);
+        let dir = tempfile::tempdir().unwrap();
+        fn copy(from: &Path, to: &Path) {
+            for entry in std::fs::read_dir(from).unwrap() {
+                let entry = entry.unwrap();
+                let target = to.join(entry.file_name());
+                if std::fs::metadata(entry.path()).unwrap().is_dir() {
+                    std::fs::create_dir_all(&target).unwrap();
+                    copy(&entry.path(), &target);
+                } else {
+                    std::fs::copy(entry.path(), &target).unwrap();
+                }
+            }
+        }
+        copy(&from, dir.path());
+        dir
+    }
+
+    #[test]
+    fn flux_and_redux_repos_need_their_own_parts() {
+        // FLUX: a sharded transformer and a T5 tokenizer.
+        let flux = fixture_copy("tiny-flux-dev");
+        let id = flux.path().to_str().unwrap();
+        assert!(resolve_model_with(id, None, &offline(flux.path())).is_ok());
+        std::fs::remove_file(
+            flux.path()
+                .join("transformer/diffusion_pytorch_model-00002-of-00003.safetensors"),
+        )
+        .unwrap();
+        let (_, file, _) = load_error(resolve_model_with(id, None, &offline(flux.path())));
+        assert_eq!(
+            file,
+            Path::new("transformer/diffusion_pytorch_model-00002-of-00003.safetensors")
+        );
+        // A T5 tokenizer may be SentencePiece's model instead of tokenizer.json.
+        let flux = fixture_copy("tiny-flux-dev");
+        let id = flux.path().to_str().unwrap();
+        std::fs::remove_file(flux.path().join("tokenizer_2/tokenizer.json")).unwrap();
+        let (_, file, _) = load_error(resolve_model_with(id, None, &offline(flux.path())));
+        assert_eq!(file, Path::new("tokenizer_2/spiece.model"));
+        std::fs::write(flux.path().join("tokenizer_2/spiece.model"), b"x").unwrap();
+        assert!(resolve_model_with(id, None, &offline(flux.path())).is_ok());
+
+        // Redux: SigLIP (image_encoder), its processor and the `flux` image embedder are loaded.
+        for (missing, file) in [
+            (
+                "image_encoder/model.safetensors",
+                "image_encoder/model.safetensors",
+            ),
+            (
+                "feature_extractor/preprocessor_config.json",
+                "feature_extractor/preprocessor_config.json",
+            ),
+            (
+                "image_embedder/diffusion_pytorch_model.safetensors",
+                "image_embedder/diffusion_pytorch_model.safetensors",
+            ),
+        ] {
+            let redux = fixture_copy("tiny-flux-redux");
+            let id = redux.path().to_str().unwrap();
+            assert!(resolve_model_with(id, None, &offline(redux.path())).is_ok());
+            std::fs::remove_file(redux.path().join(missing)).unwrap();
+            let (_, named, _) = load_error(resolve_model_with(id, None, &offline(redux.path())));
+            assert_eq!(named, Path::new(file));
         }
     }
 

@@ -417,3 +417,27 @@ fn batched_flux_requests_equal_their_runs_alone() -> TestResult {
     assert!(max_diff(&alone_a[0], &alone_b[0]) > 10);
     Ok(())
 }
+
+/// `torch_dtype_run: float16` on the CPU: the transformer, CLIP and VAE run in float16, T5 (which
+/// overflows in float16) and the Redux prior in float32 (the CPU has no bfloat16 matmul); the
+/// pictures stay close to the float32 references.
+#[test]
+fn float16_keeps_t5_out_of_float16_and_stays_close() -> TestResult {
+    let mut opts = options("tiny-flux-dev");
+    opts.dtype = DType::F16;
+    opts.init_dtype = DType::F16;
+    opts.redux = Some(model_dir("tiny-flux-redux"));
+    let model = Pipeline::load(&model_dir("tiny-flux-dev"), &opts)?;
+    for name in ["flux_dev_t2i", "flux_redux_prompt"] {
+        let case = cases()?
+            .into_iter()
+            .find(|c| c.name == name)
+            .ok_or("no such case")?;
+        let images = case.run(&model, &mut NoProgress)?;
+        let reference = image::open(fixtures().join(FLUX).join(&case.images[0]))?.to_rgb8();
+        let diff = max_diff(&images[0], &reference);
+        eprintln!("{name}: float16 vs float32 reference: {diff}/255");
+        assert!(diff <= 12, "{name}: float16 differs by {diff}/255");
+    }
+    Ok(())
+}

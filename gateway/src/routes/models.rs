@@ -69,6 +69,10 @@ fn describe(info: &InfoResponse) -> Model {
         max_pixels: limits.max_pixels,
         max_n: info.max_n.max(1),
         max_steps: limits.max_steps,
+        max_sequence_length: info
+            .limits
+            .map(|l| l.max_sequence_length)
+            .filter(|&l| l > 0),
         schedulers: info.schedulers.clone(),
         default_scheduler: defaults.scheduler,
         default_num_inference_steps: defaults.num_inference_steps,

@@ -21,11 +21,11 @@ use image::RgbImage;
 
 use super::conditioning::Conditioning;
 use super::sd::{repeat_rows, TextEncoder};
-use crate::device::Precision;
+use crate::device::{without_float16, Precision};
 use crate::error::{Result, WorkerError};
 use crate::models::component::{Component, Offload, WeightFiles};
 use crate::models::redux::{FluxRedux, PRIOR_TEXT_TOKENS};
-use crate::models::t5::{self, T5Encoder};
+use crate::models::t5::T5Encoder;
 use crate::models::t5_tokenizer::T5Tokenizer;
 
 /// The most T5 tokens a prompt may use: FluxPipeline refuses more than 512.
@@ -48,7 +48,8 @@ pub struct FluxText {
 
 impl FluxText {
     /// Loads `text_encoder` + `tokenizer` (CLIP) and `text_encoder_2` + `tokenizer_2` (T5). T5
-    /// never runs in float16 (it overflows); it takes bfloat16 instead, which is logged.
+    /// never runs in float16 (it overflows): it takes bfloat16, or float32 where the device has
+    /// no bfloat16 (the CPU), which is logged.
     pub fn load(
         source: &str,
         dir: &Path,
@@ -67,15 +68,21 @@ impl FluxText {
         )?;
         let t5_dir = dir.join("text_encoder_2");
         let config = T5Encoder::read_config(source, &t5_dir)?;
+        let t5_run = without_float16(precision.run, device);
         let t5_precision = Precision {
-            init: t5::run_dtype(precision.init),
-            run: t5::run_dtype(precision.run),
+            // Weights rounded to float16 on the way in could already overflow.
+            init: if precision.init == DType::F16 {
+                t5_run
+            } else {
+                precision.init
+            },
+            run: t5_run,
         };
-        if t5_precision.run != precision.run {
+        if t5_run != precision.run {
             tracing::warn!(
                 run_dtype = ?precision.run,
-                t5_dtype = ?t5_precision.run,
-                "T5 overflows in float16; text_encoder_2 runs in bfloat16"
+                t5_dtype = ?t5_run,
+                "T5 overflows in float16; text_encoder_2 runs in {t5_run:?} instead"
             );
         }
         let t5_width = config.d_model;

@@ -817,12 +817,12 @@ fn load_redux(
             "Redux is for FLUX models only",
         ));
     };
-    // SigLIP and the embedder are small; they stay resident in the run dtype (bfloat16 for
-    // float16, like T5, as diffusers' examples run the prior in bfloat16).
+    // SigLIP and the embedder are small and stay resident, in the run dtype but never float16
+    // (like T5: bfloat16, or float32 on a device without it).
     let redux = FluxRedux::load(
         &redux_source,
         redux_dir,
-        crate::models::t5::run_dtype(dtype),
+        crate::device::without_float16(dtype, device),
         device,
     )?;
     let width = text.t5_width;
