@@ -441,3 +441,47 @@ fn float16_keeps_t5_out_of_float16_and_stays_close() -> TestResult {
     }
     Ok(())
 }
+
+/// Start-up stops naming the file and key: a Fill repo labelled as an ordinary one (and the
+/// reverse), an ordinary transformer given as the Fill model beside the base, a Redux folder
+/// that is not a Redux prior.
+#[test]
+fn mislabelled_flux_repos_are_refused_naming_the_key() -> TestResult {
+    let message = |result: Result<Pipeline, WorkerError>| -> String {
+        result.err().map(|e| e.to_string()).unwrap_or_default()
+    };
+    for (model, class) in [
+        ("tiny-flux-fill", "FluxPipeline"),
+        ("tiny-flux-dev", "FluxFillPipeline"),
+    ] {
+        let copy = tempfile::tempdir()?;
+        copy_dir(&model_dir(model), copy.path())?;
+        let index = copy.path().join("model_index.json");
+        let text = std::fs::read_to_string(&index)?;
+        let relabelled = text
+            .replace("\"FluxFillPipeline\"", "\"X\"")
+            .replace("\"FluxPipeline\"", "\"X\"")
+            .replace("\"X\"", &format!("\"{class}\""));
+        std::fs::write(&index, relabelled)?;
+        let err = message(Pipeline::load(copy.path(), &options(model)));
+        assert!(
+            err.contains("transformer/config.json") && err.contains("in_channels"),
+            "{model} as {class}: {err}"
+        );
+    }
+    let mut opts = options("tiny-flux-dev");
+    opts.fill_transformer = Some(model_dir("tiny-flux-schnell"));
+    let err = message(Pipeline::load(&model_dir("tiny-flux-dev"), &opts));
+    assert!(
+        err.contains("in_channels") && err.contains("Fill"),
+        "an ordinary transformer as the Fill model: {err}"
+    );
+    let mut opts = options("tiny-flux-dev");
+    opts.redux = Some(model_dir("tiny-flux-schnell"));
+    let err = message(Pipeline::load(&model_dir("tiny-flux-dev"), &opts));
+    assert!(
+        err.contains("model_index.json") && err.contains("FluxPriorReduxPipeline"),
+        "a FLUX model as the Redux prior: {err}"
+    );
+    Ok(())
+}

@@ -146,9 +146,15 @@ impl Pipeline {
                 device,
                 offload.as_ref(),
             )?,
-            PipelineClass::Flux => {
-                load_flux(source, dir, &vae, precision, device, offload.as_ref())?
-            }
+            PipelineClass::Flux => load_flux(
+                source,
+                dir,
+                &index,
+                &vae,
+                precision,
+                device,
+                offload.as_ref(),
+            )?,
         };
         let fill = match &opts.fill_transformer {
             Some(fill_dir) => Some(load_fill_beside(
@@ -623,9 +629,11 @@ const FLUX_SAMPLE_SIZE: usize = 128;
 
 /// FLUX.1: CLIP + T5 and a transformer that is an ordinary (dev, schnell) or a Fill model by
 /// its input width next to the VAE; control models are refused by name.
+#[allow(clippy::too_many_arguments)]
 fn load_flux(
     source: &str,
     dir: &Path,
+    index: &ModelIndex,
     vae: &Autoencoder,
     precision: Precision,
     device: &Device,
@@ -633,7 +641,28 @@ fn load_flux(
 ) -> Result<Parts> {
     let (transformer, config) = load_flux_transformer(source, dir, precision, device, offload)?;
     let config_path = dir.join("transformer/config.json");
+    // The class must agree with the transformer: a FluxFillPipeline repo with an ordinary
+    // transformer (or the reverse) is broken or mislabelled.
+    let expected = if index.class_name == "FluxFillPipeline" {
+        FluxVariant::Fill
+    } else {
+        FluxVariant::Base
+    };
     let inpainting = match config.variant(vae.latent_channels(), vae.scale_factor()) {
+        found @ (FluxVariant::Base | FluxVariant::Fill) if found != expected => {
+            return Err(WorkerError::model_load(
+                source,
+                &config_path,
+                format!(
+                    "key 'in_channels': {} makes this {}, but model_index.json's _class_name {} \
+                     needs {}",
+                    config.in_channels,
+                    found.name(),
+                    index.class_name,
+                    expected.name()
+                ),
+            ))
+        }
         FluxVariant::Base => false,
         FluxVariant::Fill => true,
         other => {
