@@ -318,3 +318,115 @@ where
     image.write_to(&mut out, image::ImageFormat::Png)?;
     Ok(out.into_inner())
 }
+
+/// A `fastfusion-gateway` process with its embedded worker, serving one model config, with its
+/// own config and image directories (removed with it).
+pub struct Gateway {
+    pub base: String,
+    pub process: Process,
+    pub client: reqwest::blocking::Client,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+impl Gateway {
+    /// How long the model may take to load.
+    const START: Duration = Duration::from_secs(90);
+
+    /// Starts the gateway on the tiny SD model; `pipeline` is merged into its `pipeline` config.
+    pub fn start_tiny(pipeline: serde_json::Value) -> Result<Gateway> {
+        let config_dir = tempfile::tempdir()?;
+        let config = write_tiny_config(config_dir.path(), pipeline)?;
+        Self::start_in(config_dir, &config)
+    }
+
+    /// Starts the gateway on a whole `model_config.json`.
+    pub fn start_with(config: &serde_json::Value) -> Result<Gateway> {
+        let config_dir = tempfile::tempdir()?;
+        let path = config_dir.path().join("model_config.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(config)?)?;
+        Self::start_in(config_dir, &path)
+    }
+
+    fn start_in(config_dir: tempfile::TempDir, config: &Path) -> Result<Gateway> {
+        let data_dir = tempfile::tempdir()?;
+        let config = config.display().to_string();
+        let data = data_dir.path().display().to_string();
+        let mut process = Process::spawn(
+            &binary("fastfusion-gateway")?,
+            &[],
+            &[
+                ("CONFIG_PATH", config.as_str()),
+                ("IMAGE_DATA_PATH", data.as_str()),
+                ("FASTFUSION_HOST", "127.0.0.1"),
+                ("FASTFUSION_PORT", "0"),
+            ],
+        )?;
+        let addr = process.wait_listening(Self::START)?;
+        let client = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .build()?;
+        let mut gateway = Gateway {
+            base: format!("http://{addr}"),
+            process,
+            client,
+            _dirs: (config_dir, data_dir),
+        };
+        let ready = format!("{}/ready", gateway.base);
+        wait_http_ok(&gateway.client, &ready, Self::START)
+            .with_context(|| gateway.process.output())?;
+        Ok(gateway)
+    }
+
+    /// POSTs a JSON body; returns the status and the JSON answer.
+    pub fn post_json(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<(u16, serde_json::Value)> {
+        let response = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .json(body)
+            .send()?;
+        let status = response.status().as_u16();
+        let text = response.text()?;
+        let value = serde_json::from_str(&text).with_context(|| format!("not JSON: {text}"))?;
+        Ok((status, value))
+    }
+
+    /// POSTs a multipart body as curl `-F` does; returns the status and the JSON answer.
+    pub fn post_form(
+        &self,
+        path: &str,
+        parts: &[FormPart<'_>],
+    ) -> Result<(u16, serde_json::Value)> {
+        let (content_type, body) = multipart_body(parts);
+        let response = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .header("content-type", content_type)
+            .body(body)
+            .send()?;
+        let status = response.status().as_u16();
+        let text = response.text()?;
+        let value = serde_json::from_str(&text).with_context(|| format!("not JSON: {text}"))?;
+        Ok((status, value))
+    }
+
+    /// The first image of a successful `b64_json` answer; otherwise an error with the gateway's
+    /// output.
+    pub fn first_image(
+        &mut self,
+        status: u16,
+        body: &serde_json::Value,
+    ) -> Result<image::RgbImage> {
+        if status != 200 {
+            bail!("status {status}: {body}\n{}", self.process.output());
+        }
+        let b64 = body["data"][0]["b64_json"]
+            .as_str()
+            .context("no b64_json")?;
+        use base64::Engine as _;
+        decode_image(&base64::engine::general_purpose::STANDARD.decode(b64)?)
+    }
+}

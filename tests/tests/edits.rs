@@ -1,86 +1,33 @@
 //! End to end: `/v1/images/edits` and `/v1/images/variations` on the real gateway with its
 //! embedded worker and the tiny fixture model, driven with multipart bodies as curl sends them.
 
-use std::time::Duration;
-
-use anyhow::{ensure, Context, Result};
-use base64::Engine as _;
-use fastfusion_tests::{
-    binary, decode_image, encode_png, multipart_body, pixel_std, wait_http_ok, write_tiny_config,
-    FormPart, Process,
-};
-use reqwest::blocking::Client;
+use anyhow::{Context, Result};
+use fastfusion_tests::{decode_image, encode_png, pixel_std, FormPart};
 use serde_json::{json, Value};
 
-const START: Duration = Duration::from_secs(60);
-
-/// A gateway process with the tiny model and its own temp dirs.
-struct Gateway {
-    base: String,
-    _dirs: (tempfile::TempDir, tempfile::TempDir),
-    process: Process,
-    client: Client,
-}
+/// A gateway on the tiny model; `pipeline` is merged into its `pipeline` config.
+struct Gateway(fastfusion_tests::Gateway);
 
 impl Gateway {
-    /// Starts the gateway; `pipeline` is merged into the tiny model's `pipeline` config.
     fn start(pipeline: Value) -> Result<Gateway> {
-        let config_dir = tempfile::tempdir()?;
-        let data_dir = tempfile::tempdir()?;
-        let config = write_tiny_config(config_dir.path(), pipeline)?;
-        let config = config.display().to_string();
-        let data = data_dir.path().display().to_string();
-        let mut process = Process::spawn(
-            &binary("fastfusion-gateway")?,
-            &[],
-            &[
-                ("CONFIG_PATH", config.as_str()),
-                ("IMAGE_DATA_PATH", data.as_str()),
-                ("FASTFUSION_HOST", "127.0.0.1"),
-                ("FASTFUSION_PORT", "0"),
-            ],
-        )?;
-        let addr = process.wait_listening(START)?;
-        let client = Client::builder()
-            .timeout(Duration::from_secs(120))
-            .build()?;
-        let mut gateway = Gateway {
-            base: format!("http://{addr}"),
-            _dirs: (config_dir, data_dir),
-            process,
-            client,
-        };
-        let ready = format!("{}/ready", gateway.base);
-        wait_http_ok(&gateway.client, &ready, START).with_context(|| gateway.process.output())?;
-        Ok(gateway)
+        Ok(Gateway(fastfusion_tests::Gateway::start_tiny(pipeline)?))
     }
 
     fn post_form(&self, path: &str, parts: &[FormPart<'_>]) -> Result<(u16, Value)> {
-        let (content_type, body) = multipart_body(parts);
-        let response = self
-            .client
-            .post(format!("{}{path}", self.base))
-            .header("content-type", content_type)
-            .body(body)
-            .send()?;
-        let status = response.status().as_u16();
-        let text = response.text()?;
-        let value = serde_json::from_str(&text).with_context(|| format!("not JSON: {text}"))?;
-        Ok((status, value))
+        self.0.post_form(path, parts)
     }
 
     /// The first image of a successful b64_json answer.
     fn image(&mut self, path: &str, parts: &[FormPart<'_>]) -> Result<image::RgbImage> {
-        let (status, body) = self.post_form(path, parts)?;
-        ensure!(
-            status == 200,
-            "status {status}: {body}\n{}",
-            self.process.output()
-        );
-        let b64 = body["data"][0]["b64_json"]
-            .as_str()
-            .context("no b64_json")?;
-        decode_image(&base64::engine::general_purpose::STANDARD.decode(b64)?)
+        let (status, body) = self.0.post_form(path, parts)?;
+        self.0.first_image(status, &body)
+    }
+}
+
+impl std::ops::Deref for Gateway {
+    type Target = fastfusion_tests::Gateway;
+    fn deref(&self) -> &Self::Target {
+        &self.0
     }
 }
 

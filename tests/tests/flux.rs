@@ -6,25 +6,11 @@
 //! FLUX's own limits (flow-matching schedulers only, `max_sequence_length`) are enforced with
 //! errors naming the parameter.
 
-use std::time::Duration;
-
-use anyhow::{ensure, Context, Result};
-use base64::Engine as _;
-use fastfusion_tests::{
-    binary, decode_image, fixture, multipart_body, wait_http_ok, FormPart, Process,
-};
-use reqwest::blocking::Client;
+use anyhow::{ensure, Result};
+use fastfusion_tests::{fixture, FormPart, Gateway};
 use serde_json::{json, Value};
 
-const START: Duration = Duration::from_secs(90);
 const PROMPT: &str = "a photo of an astronaut riding a horse on the moon";
-
-struct Gateway {
-    base: String,
-    _dirs: (tempfile::TempDir, tempfile::TempDir),
-    process: Process,
-    client: Client,
-}
 
 fn model(name: &str) -> String {
     fixture(&format!("models/{name}")).display().to_string()
@@ -63,78 +49,6 @@ fn flux_config() -> Value {
     })
 }
 
-impl Gateway {
-    fn start() -> Result<Gateway> {
-        let config_dir = tempfile::tempdir()?;
-        let data_dir = tempfile::tempdir()?;
-        let config = config_dir.path().join("model_config.json");
-        std::fs::write(&config, serde_json::to_vec_pretty(&flux_config())?)?;
-        let (config, data) = (
-            config.display().to_string(),
-            data_dir.path().display().to_string(),
-        );
-        let mut process = Process::spawn(
-            &binary("fastfusion-gateway")?,
-            &[],
-            &[
-                ("CONFIG_PATH", config.as_str()),
-                ("IMAGE_DATA_PATH", data.as_str()),
-                ("FASTFUSION_HOST", "127.0.0.1"),
-                ("FASTFUSION_PORT", "0"),
-            ],
-        )?;
-        let addr = process.wait_listening(START)?;
-        let client = Client::builder()
-            .timeout(Duration::from_secs(120))
-            .build()?;
-        let mut gateway = Gateway {
-            base: format!("http://{addr}"),
-            _dirs: (config_dir, data_dir),
-            process,
-            client,
-        };
-        let ready = format!("{}/ready", gateway.base);
-        wait_http_ok(&gateway.client, &ready, START).with_context(|| gateway.process.output())?;
-        Ok(gateway)
-    }
-
-    fn post_json(&self, path: &str, body: &Value) -> Result<(u16, Value)> {
-        let response = self
-            .client
-            .post(format!("{}{path}", self.base))
-            .json(body)
-            .send()?;
-        let status = response.status().as_u16();
-        Ok((status, response.json()?))
-    }
-
-    fn post_form(&self, path: &str, parts: &[FormPart<'_>]) -> Result<(u16, Value)> {
-        let (content_type, body) = multipart_body(parts);
-        let response = self
-            .client
-            .post(format!("{}{path}", self.base))
-            .header("content-type", content_type)
-            .body(body)
-            .send()?;
-        let status = response.status().as_u16();
-        let text = response.text()?;
-        let value = serde_json::from_str(&text).with_context(|| format!("not JSON: {text}"))?;
-        Ok((status, value))
-    }
-
-    fn first_image(&mut self, status: u16, body: &Value) -> Result<image::RgbImage> {
-        ensure!(
-            status == 200,
-            "status {status}: {body}\n{}",
-            self.process.output()
-        );
-        let b64 = body["data"][0]["b64_json"]
-            .as_str()
-            .context("no b64_json")?;
-        decode_image(&base64::engine::general_purpose::STANDARD.decode(b64)?)
-    }
-}
-
 fn reference(file: &str) -> Result<image::RgbImage> {
     Ok(image::open(fixture(&format!("references/flux/{file}")))?.to_rgb8())
 }
@@ -164,7 +78,7 @@ fn assert_matches(got: &image::RgbImage, file: &str) -> Result<()> {
 
 #[test]
 fn every_endpoint_of_a_flux_model_gives_diffusers_pictures() -> Result<()> {
-    let mut gw = Gateway::start()?;
+    let mut gw = Gateway::start_with(&flux_config())?;
 
     // Generations: FluxPipeline.
     let (status, body) = gw.post_json(
@@ -240,7 +154,7 @@ fn every_endpoint_of_a_flux_model_gives_diffusers_pictures() -> Result<()> {
 
 #[test]
 fn a_flux_model_lists_and_enforces_its_own_limits() -> Result<()> {
-    let gw = Gateway::start()?;
+    let gw = Gateway::start_with(&flux_config())?;
     let models: Value = gw
         .client
         .get(format!("{}/v1/models", gw.base))

@@ -8,10 +8,12 @@
 //! * `--mode throughput` ([`throughput`]): images per minute at several client concurrencies
 //!   against the in-process engine, batching off and on.
 //! * `--mode flux-blocks` ([`flux_blocks`]): one FLUX double and single block at full width.
+//! * `--mode unet` ([`unet`]): one guided UNet pass (batch 2) of a full-size architecture.
 
 pub mod flux_blocks;
 pub mod memory;
 pub mod throughput;
+pub mod unet;
 
 use std::fmt;
 use std::ops::ControlFlow;

@@ -161,6 +161,8 @@ enum BenchMode {
     Throughput,
     /// One FLUX double and single block (weights in --model DIR) at --size.
     FluxBlocks,
+    /// One UNet pass with guidance (batch 2; a UNet folder in --model DIR) at --size.
+    Unet,
 }
 
 fn main() -> ExitCode {
@@ -427,6 +429,10 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         }
         BenchMode::FluxBlocks => {
             let report = bench::flux_blocks::run(&config, base_dir.as_deref(), &settings)?;
+            println!("{report}");
+        }
+        BenchMode::Unet => {
+            let report = bench::unet::run(&config, base_dir.as_deref(), &settings)?;
             println!("{report}");
         }
         BenchMode::Memory => {

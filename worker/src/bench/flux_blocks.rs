@@ -123,7 +123,7 @@ fn reset_peak() {
 }
 
 /// Times `f` after one untimed call; returns the mean and the memory figures.
-fn measure(
+pub(super) fn measure(
     block: &'static str,
     repeat: usize,
     f: &mut dyn FnMut() -> candle_core::Result<Tensor>,
