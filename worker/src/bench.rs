@@ -138,6 +138,7 @@ pub fn run(
         guidance_scale: settings.guidance_scale,
         scheduler: model.default_scheduler(),
         max_sequence_length: None,
+        loras: Vec::new(),
     };
     let mut step_total = Duration::ZERO;
     let mut step_count = 0usize;

@@ -360,6 +360,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
             .unwrap_or(config.pipeline.global_guidance_scale),
         scheduler,
         max_sequence_length: None,
+        loras: Vec::new(),
     };
     let started = Instant::now();
     let images = backend.text_to_image(&request, &mut fastfusion_worker::pipelines::NoProgress)?;
