@@ -8,8 +8,10 @@
 //! * `--mode throughput` ([`throughput`]): images per minute at several client concurrencies
 //!   against the in-process engine, batching off and on.
 //! * `--mode flux-blocks` ([`flux_blocks`]): one FLUX double and single block at full width.
+//! * `--mode lora` ([`lora`]): request and step time with random LoRA sets vs without, switching.
 
 pub mod flux_blocks;
+pub mod lora;
 pub mod memory;
 pub mod throughput;
 

@@ -33,6 +33,19 @@ const ATTEMPTS: u32 = 3;
 
 /// Every entry's file, in config order (downloading `hub` and `url` ones as needed).
 pub fn resolve(entries: &[LoraConfig], settings: &HubSettings) -> Result<Vec<AdapterFile>> {
+    let limit = std::env::var("LORA_MAX_DOWNLOAD_BYTES")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(MAX_DOWNLOAD_BYTES);
+    resolve_with(entries, settings, limit)
+}
+
+/// [`resolve`] with an explicit download size limit in bytes.
+pub fn resolve_with(
+    entries: &[LoraConfig],
+    settings: &HubSettings,
+    limit: u64,
+) -> Result<Vec<AdapterFile>> {
     entries
         .iter()
         .enumerate()
@@ -44,7 +57,7 @@ pub fn resolve(entries: &[LoraConfig], settings: &HubSettings) -> Result<Vec<Ada
             let path = match entry.source {
                 LoraSource::Local => local_file(entry),
                 LoraSource::Hub => hub_file(entry, settings),
-                LoraSource::Url => url_file(entry, settings),
+                LoraSource::Url => url_file(entry, settings, limit),
             }
             .map_err(fail)?;
             if let Some(want) = &entry.sha256 {
@@ -176,7 +189,7 @@ fn url_file_name(url: &reqwest::Url, weight_name: Option<&str>) -> Result<String
     Ok(name)
 }
 
-fn url_file(entry: &LoraConfig, settings: &HubSettings) -> Result<PathBuf, String> {
+fn url_file(entry: &LoraConfig, settings: &HubSettings, limit: u64) -> Result<PathBuf, String> {
     let url = reqwest::Url::parse(&entry.address).map_err(|e| format!("not a URL: {e}"))?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(format!("URL scheme '{}' is not http(s)", url.scheme()));
@@ -193,10 +206,6 @@ fn url_file(entry: &LoraConfig, settings: &HubSettings) -> Result<PathBuf, Strin
     }
     std::fs::create_dir_all(&folder)
         .map_err(|e| format!("cannot create {}: {e}", folder.display()))?;
-    let limit = std::env::var("LORA_MAX_DOWNLOAD_BYTES")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(MAX_DOWNLOAD_BYTES);
     let part = folder.join(format!("{name}.part"));
     // The async client on a thread of its own: start-up may run inside a runtime or not.
     let download = {
