@@ -9,8 +9,10 @@
 //!   against the in-process engine, batching off and on.
 //! * `--mode flux-blocks` ([`flux_blocks`]): one FLUX double and single block at full width.
 //! * `--mode unet` ([`unet`]): one guided UNet pass (batch 2) of a full-size architecture.
+//! * `--mode lora` ([`lora`]): request and step time with random LoRA sets vs without, switching.
 
 pub mod flux_blocks;
+pub mod lora;
 pub mod memory;
 pub mod throughput;
 pub mod unet;
@@ -140,6 +142,7 @@ pub fn run(
         guidance_scale: settings.guidance_scale,
         scheduler: model.default_scheduler(),
         max_sequence_length: None,
+        loras: Vec::new(),
     };
     let mut step_total = Duration::ZERO;
     let mut step_count = 0usize;

@@ -204,6 +204,9 @@ pub struct LoraConfig {
     pub weight_name: Option<String>,
     /// The name requests use in `lora_settings`; unique within the config.
     pub adapter_name: String,
+    /// The file's SHA-256 (hex), checked at start-up when given (`url` downloads especially).
+    #[serde(default)]
+    pub sha256: Option<String>,
 }
 
 /// Where a LoRA's weights come from.
@@ -418,6 +421,14 @@ impl ModelConfig {
             non_empty(&format!("pipeline.loras[{i}].address"), &lora.address)?;
             if let Some(weight_name) = &lora.weight_name {
                 non_empty(&format!("pipeline.loras[{i}].weight_name"), weight_name)?;
+            }
+            if let Some(sha) = &lora.sha256 {
+                if sha.len() != 64 || !sha.chars().all(|c| c.is_ascii_hexdigit()) {
+                    return Err(WorkerError::config(
+                        format!("pipeline.loras[{i}].sha256"),
+                        "must be 64 hexadecimal digits",
+                    ));
+                }
             }
             let key = format!("pipeline.loras[{i}].adapter_name");
             non_empty(&key, &lora.adapter_name)?;

@@ -14,7 +14,7 @@
 //!   time.
 //! * Dynamic batching: when the model thread asks for work, the actor gives it the oldest job plus
 //!   every later queued job with the same [`BatchKey`] (task, size, steps, scheduler, guidance on
-//!   or off, strength) while the images fit in `max_batch` (a job of n images takes n; a job
+//!   or off, strength, LoRA set) while the images fit in `max_batch` (a job of n images takes n; a job
 //!   larger than that runs alone). A batch that is not full waits for compatible jobs until
 //!   `batch_window` after its oldest job arrived (0: never waits; a draining engine never waits).
 //!   A job skipped because it does not fit goes first in the next batch, so it is overtaken at
@@ -45,6 +45,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::backend::{Backend, ModelDescription};
 use crate::encode;
 use crate::error::{Result, WorkerError};
+use crate::lora::LoraWeight;
 use crate::metrics;
 use crate::pipelines::{BatchEntry, Input, Progress, Stage, TextToImage};
 use crate::schedulers::{ScheduleContext, SchedulerConfig, SchedulerKind};
@@ -104,14 +105,16 @@ impl JobSpec {
             guidance: g.guidance_scale > 1.0,
             strength,
             max_sequence_length: g.max_sequence_length,
+            loras: g.loras.clone(),
         }
     }
 }
 
 /// Everything that fixes the shape and the timesteps of a batch's denoiser passes: the task, the
 /// size (SDXL's time ids follow from it), steps, scheduler, whether classifier-free guidance
-/// doubles the rows, the strength (where an image task's loop starts) and FLUX's text length.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// doubles the rows, the strength (where an image task's loop starts) and FLUX's text length;
+/// and the LoRA set, which is active for the whole batch.
+#[derive(Debug, Clone, PartialEq)]
 struct BatchKey {
     /// 0 text-to-image, 1 image-to-image, 2 inpaint, 3 Redux variation.
     task: u8,
@@ -122,6 +125,7 @@ struct BatchKey {
     guidance: bool,
     strength: Option<f64>,
     max_sequence_length: Option<usize>,
+    loras: Vec<LoraWeight>,
 }
 
 /// The task of a job and its inputs, decoded and already at the output size.

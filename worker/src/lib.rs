@@ -13,6 +13,7 @@
 //! inputs.rs      uploaded images and masks → validated, resized pixels
 //! encode.rs      RGB pixels → PNG / JPEG / WebP bytes
 //! vision.rs      a vision model's description as the prompt of a variation without one
+//! lora/          LoRA adapters: files of every format, per-request sets applied unfused
 //! config.rs      model_config.json (the seed's schema) · hub.rs model resolution · device.rs
 //! ```
 //!
@@ -29,6 +30,7 @@ pub mod engine;
 pub mod error;
 pub mod hub;
 pub mod inputs;
+pub mod lora;
 pub mod metrics;
 pub mod models;
 pub mod pipelines;

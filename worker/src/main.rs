@@ -4,7 +4,8 @@
 //!   SIGTERM or ctrl-c drains it (see [`serve`]), `--metrics-listen` serves Prometheus metrics
 //! * `generate` — one request, straight to a PNG file, no server
 //! * `bench`    — seconds per text encode, denoising step and VAE decode; `--mode memory`: peak
-//!   memory per memory option; `--mode throughput`: images/minute by concurrency, batching off/on
+//!   memory per memory option; `--mode throughput`: images/minute by concurrency, batching off/on;
+//!   `--mode lora`: the cost of per-request LoRA sets
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -146,6 +147,12 @@ struct BenchArgs {
     /// Throughput: `pipeline.max_batch` values to compare (1 is batching off).
     #[arg(long, value_delimiter = ',', default_value = "1,8")]
     max_batch: Vec<usize>,
+    /// LoRA: rank of the random adapters.
+    #[arg(long, default_value_t = 16)]
+    lora_rank: usize,
+    /// LoRA: how many random adapters to load (at least 2).
+    #[arg(long, default_value_t = 2)]
+    lora_count: usize,
     /// Internal to `--mode memory`: measure this one option set in this process and report.
     #[arg(long, hide = true)]
     memory_child: Option<String>,
@@ -163,6 +170,8 @@ enum BenchMode {
     FluxBlocks,
     /// One UNet pass with guidance (batch 2; a UNet folder in --model DIR) at --size.
     Unet,
+    /// Request and step time with random rank --lora-rank adapters vs without, and switching.
+    Lora,
 }
 
 fn main() -> ExitCode {
@@ -362,6 +371,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
             .unwrap_or(config.pipeline.global_guidance_scale),
         scheduler,
         max_sequence_length: None,
+        loras: Vec::new(),
     };
     let started = Instant::now();
     let images = backend.text_to_image(&request, &mut fastfusion_worker::pipelines::NoProgress)?;
@@ -433,6 +443,16 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         }
         BenchMode::Unet => {
             let report = bench::unet::run(&config, base_dir.as_deref(), &settings)?;
+            println!("{report}");
+        }
+        BenchMode::Lora => {
+            let report = bench::lora::run(
+                &config,
+                base_dir.as_deref(),
+                &settings,
+                args.lora_count,
+                args.lora_rank,
+            )?;
             println!("{report}");
         }
         BenchMode::Memory => {

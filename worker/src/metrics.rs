@@ -30,6 +30,10 @@ pub const REJECTIONS: &str = "fastfusion_worker_rejections_total";
 pub const CANCELLATIONS: &str = "fastfusion_worker_cancellations_total";
 /// Seconds the model took to load.
 pub const MODEL_LOAD_SECONDS: &str = "fastfusion_worker_model_load_seconds";
+/// Seconds each LoRA adapter took to read and check at start-up, by `adapter`.
+pub const LORA_LOAD_SECONDS: &str = "fastfusion_worker_lora_load_seconds";
+/// Batches that ran with another LoRA set than the batch before (plain counts as a set).
+pub const LORA_SWITCHES: &str = "fastfusion_worker_lora_switches_total";
 
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0];
 const STEP_BUCKETS: &[f64] = &[
@@ -123,6 +127,15 @@ pub fn describe() {
         metrics::Unit::Seconds,
         "Time the model took to load"
     );
+    describe_gauge!(
+        LORA_LOAD_SECONDS,
+        metrics::Unit::Seconds,
+        "Time each LoRA adapter took to load, by adapter"
+    );
+    describe_counter!(
+        LORA_SWITCHES,
+        "Batches that ran with a different LoRA set than the batch before"
+    );
     // Present from the first scrape, so dashboards see zero rather than no data.
     gauge!(QUEUE_DEPTH).set(0.0);
 }
@@ -155,4 +168,12 @@ pub fn job_cancelled(reason: &'static str) {
 
 pub fn set_model_load_seconds(seconds: f64) {
     gauge!(MODEL_LOAD_SECONDS).set(seconds);
+}
+
+pub fn set_lora_load_seconds(adapter: &str, seconds: f64) {
+    gauge!(LORA_LOAD_SECONDS, "adapter" => adapter.to_string()).set(seconds);
+}
+
+pub fn lora_switched() {
+    counter!(LORA_SWITCHES).increment(1);
 }

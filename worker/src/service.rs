@@ -74,6 +74,12 @@ impl WorkerService {
         WorkerService { engine, config }
     }
 
+    /// The `adapter_name`s of `pipeline.loras`: all loaded at start-up, or the model failed.
+    fn lora_names(&self) -> Vec<String> {
+        let loras = &self.config.pipeline.loras;
+        loras.iter().map(|l| l.adapter_name.clone()).collect()
+    }
+
     /// Resolves defaults and checks every field against the config and the loaded model.
     /// Uploads are only checked for presence here; [`Validated::prepare_job`] decodes them.
     fn validate(&self, mut req: GenerateRequest, model: &ModelDescription) -> Result<Validated> {
@@ -182,12 +188,12 @@ impl WorkerService {
                 ));
             }
         }
-        if !req.loras.is_empty() {
-            return Err(WorkerError::invalid(
-                "lora_settings",
-                "LoRA adapters are not supported by this worker yet",
-            ));
-        }
+        let loras = crate::lora::validate_settings(
+            std::mem::take(&mut req.loras)
+                .into_iter()
+                .map(|l| (l.name, l.weight)),
+            &self.lora_names(),
+        )?;
         let output_format = OutputFormat::try_from(req.output_format)
             .map_err(|_| WorkerError::invalid("output_format", "unknown output format"))?;
         if let Some(c) = req.output_compression.filter(|c| *c > 100) {
@@ -226,6 +232,7 @@ impl WorkerService {
                     guidance_scale,
                     scheduler,
                     max_sequence_length: req.max_sequence_length.map(|l| l as usize),
+                    loras,
                 },
                 task: JobTask::TextToImage,
                 output_format,
@@ -460,8 +467,8 @@ impl WorkerService {
                     num_inference_steps: p.num_inference_steps as u32,
                 })
                 .collect(),
-            // Configured LoRAs are not applied yet, so none is offered.
-            loras: Vec::new(),
+            // Every configured adapter is loaded before the worker serves (or start-up fails).
+            loras: self.lora_names(),
             // `size: auto` takes these: the config's default size wins over the model's own.
             native_width: description
                 .as_ref()

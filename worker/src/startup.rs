@@ -56,6 +56,7 @@ pub fn resolve(config: &ModelConfig, base_dir: Option<&Path>) -> Result<(PathBuf
         redux: redux_source(config)
             .map(|id| resolve_part(&id, base_dir, "Redux prior"))
             .transpose()?,
+        loras: crate::lora::source::resolve(&pipeline.loras, &hub::HubSettings::from_env())?,
     };
     Ok((dir, options))
 }

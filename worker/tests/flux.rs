@@ -68,6 +68,7 @@ impl FluxCase {
             guidance_scale: self.guidance_scale,
             scheduler: SchedulerKind::FlowMatchEuler,
             max_sequence_length: Some(self.max_sequence_length),
+            loras: Vec::new(),
         }
     }
 
@@ -266,6 +267,7 @@ fn request(width: usize, height: usize) -> TextToImage {
         guidance_scale: 3.5,
         scheduler: SchedulerKind::FlowMatchEuler,
         max_sequence_length: None,
+        loras: Vec::new(),
     }
 }
 

@@ -26,6 +26,7 @@ fn load(init: DType, run: DType, cpu_offload: bool) -> Result<Pipeline, WorkerEr
         vae_tiling: false,
         fill_transformer: None,
         redux: None,
+        loras: Vec::new(),
     };
     Pipeline::load(&model_dir(), &opts)
 }
@@ -43,6 +44,7 @@ fn request() -> TextToImage {
         // Ancestral: the per-step noise draws are part of what must not change.
         scheduler: SchedulerKind::EulerAncestral,
         max_sequence_length: None,
+        loras: Vec::new(),
     }
 }
 

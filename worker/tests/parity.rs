@@ -287,6 +287,7 @@ fn small_request(seed: u64) -> TextToImage {
         guidance_scale: 7.5,
         scheduler: SchedulerKind::EulerAncestral,
         max_sequence_length: None,
+        loras: Vec::new(),
     }
 }
 
@@ -363,6 +364,7 @@ fn a_directory_without_a_model_is_a_model_load_error() {
         vae_tiling: false,
         fill_transformer: None,
         redux: None,
+        loras: Vec::new(),
     };
     let dir = fixtures().join("models");
     match Pipeline::load(&dir, &opts) {

@@ -249,6 +249,7 @@ fn options(source: &str) -> LoadOptions {
         vae_tiling: false,
         fill_transformer: None,
         redux: None,
+        loras: Vec::new(),
     }
 }
 

@@ -993,3 +993,39 @@ async fn a_variation_without_prompt_asks_the_vision_model() {
     let text = bodies[0].to_string();
     assert!(text.contains("data:image/png;base64,"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_loras_are_listed_and_requests_are_checked_against_them() {
+    let mut h = start_with(4, Duration::ZERO, true, false, |c| {
+        c.pipeline.loras = vec![fastfusion_worker::config::LoraConfig {
+            source: fastfusion_worker::config::LoraSource::Local,
+            address: "style.safetensors".into(),
+            weight_name: None,
+            adapter_name: "style".into(),
+            sha256: None,
+        }];
+    })
+    .await;
+    assert_eq!(info_of(&mut h).await.loras, vec!["style".to_string()]);
+    let with = |name: &str, weight: f32| GenerateRequest {
+        loras: vec![LoraSetting {
+            name: name.into(),
+            weight,
+        }],
+        ..request("x")
+    };
+    let events = collect(&mut h.client, with("style", 0.5))
+        .await
+        .expect("a known adapter runs");
+    assert!(matches!(events.last(), Some(Event::Done(_))), "{events:?}");
+    for (req, needle) in [
+        (with("other", 1.0), "loaded: style"),
+        (with("style", 9.0), "between -8 and 8"),
+        (with("style", f32::NAN), "between -8 and 8"),
+    ] {
+        let err = collect(&mut h.client, req).await.expect_err(needle);
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert_eq!(param(&err).as_deref(), Some("lora_settings"));
+        assert!(err.message().contains(needle), "{err:?}");
+    }
+}

@@ -171,6 +171,7 @@ pub fn run_child(
         guidance_scale: settings.guidance_scale,
         scheduler: backend.description().default_scheduler,
         max_sequence_length: None,
+        loras: Vec::new(),
     };
     let started = Instant::now();
     backend.text_to_image(&request, &mut NoProgress)?;

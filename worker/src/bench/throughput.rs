@@ -119,6 +119,7 @@ impl JobMaker {
                 guidance_scale: s.guidance_scale,
                 scheduler: self.scheduler,
                 max_sequence_length: None,
+                loras: Vec::new(),
             },
             task: JobTask::TextToImage,
             output_format: OutputFormat::Png,

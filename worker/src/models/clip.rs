@@ -17,23 +17,22 @@
 //! saved by transformers 5; both load. `text_projection.weight` sits at the file's top level.
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{
-    embedding, layer_norm, linear, linear_no_bias, Embedding, LayerNorm, Linear, VarBuilder,
-};
+use candle_nn::{embedding, layer_norm, linear_no_bias, Embedding, LayerNorm, Linear, VarBuilder};
 
 use super::config::{ClipActivation, ClipTextConfig};
+use crate::lora::{linear, LoraLinear};
 
 /// One pre-norm transformer block.
 #[derive(Debug)]
 struct EncoderLayer {
     layer_norm1: LayerNorm,
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
+    q_proj: LoraLinear,
+    k_proj: LoraLinear,
+    v_proj: LoraLinear,
+    out_proj: LoraLinear,
     layer_norm2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
+    fc1: LoraLinear,
+    fc2: LoraLinear,
 }
 
 impl EncoderLayer {

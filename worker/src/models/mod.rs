@@ -7,7 +7,7 @@
 //! component.rs  a part built once (resident) or on each use (enable_cpu_offload)
 //! clip.rs       the CLIP text transformer (quick_gelu or gelu), our own: candle's lacks gelu
 //! tokenizer.rs  tokenizer.json, or CLIP BPE from vocab.json + merges.txt; bos/eos/pad, truncation
-//! unet.rs       the SD 1.x/2.x UNet: candle's resnets and time embedding, our blocks
+//! unet.rs       the SD 1.x/2.x and SDXL UNet; resnet.rs its resnet and time-embedding blocks
 //! transformer.rs  the UNet's spatial transformer (exact-GELU GEGLU, as diffusers)
 //! vae.rs        the VAE (encoder with a seedable latent sample, decoder) from candle's blocks
 //! vae_tiling.rs tiled VAE encode/decode with overlap blending (diffusers' enable_tiling)
@@ -24,6 +24,7 @@ pub mod config;
 pub mod flux;
 pub mod pil_resize;
 pub mod redux;
+pub mod resnet;
 pub mod t5;
 pub mod t5_tokenizer;
 pub mod tokenizer;

@@ -9,18 +9,17 @@
 //! where diffusers' GEGLU uses the exact (erf) one; the difference is visible in the latents.
 
 use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{
-    conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, GroupNorm, LayerNorm, Linear,
-    VarBuilder,
-};
+use candle_nn::{group_norm, layer_norm, GroupNorm, LayerNorm, VarBuilder};
+
+use crate::lora::{conv2d, linear, linear_no_bias, LoraConv2d, LoraLinear};
 
 /// Multi-head attention, self (`context = None`) or cross.
 #[derive(Debug)]
 pub struct Attention {
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
-    to_out: Linear,
+    to_q: LoraLinear,
+    to_k: LoraLinear,
+    to_v: LoraLinear,
+    to_out: LoraLinear,
     heads: usize,
     scale: f64,
 }
@@ -83,8 +82,8 @@ impl Attention {
 /// GEGLU feed-forward: `Linear(dim → 4·dim·2)`, `hidden * gelu(gate)`, `Linear(4·dim → dim)`.
 #[derive(Debug)]
 struct FeedForward {
-    proj_in: Linear,
-    proj_out: Linear,
+    proj_in: LoraLinear,
+    proj_out: LoraLinear,
 }
 
 impl FeedForward {
@@ -148,9 +147,9 @@ impl BasicTransformerBlock {
 #[derive(Debug)]
 enum Projection {
     /// 1×1 convolution on the feature map (SD 1.x).
-    Conv(Conv2d),
+    Conv(LoraConv2d),
     /// Linear layer on the tokens (SD 2.x, `use_linear_projection`).
-    Linear(Linear),
+    Linear(LoraLinear),
 }
 
 /// What a [`Transformer2D`] needs to know about its place in the UNet.

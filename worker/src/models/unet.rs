@@ -9,18 +9,19 @@
 //!
 //! Built from a [`UNetSpec`] (read from the repo's `unet/config.json` by `config.rs`): per-block
 //! heads, per-layer transformer depths (SDXL's `transformer_layers_per_block`, asymmetric UNets'
-//! reverse lists) and SDXL's `text_time` addition embedding. The resnets and time embeddings are
-//! candle's; the blocks and the transformer are ours: candle's transformer uses tanh-approximated
+//! reverse lists) and SDXL's `text_time` addition embedding. Every block is ours (resnets and time
+//! embeddings in `resnet.rs`, with layers LoRA adapters reach): candle's transformer uses tanh-approximated
 //! GELU, its plain down/up blocks ignore `norm_num_groups`, it computes the timestep sinusoids in
 //! the model dtype where diffusers uses float32, and it has no addition embedding at all.
 
 use candle_core::{Module, Tensor, D};
-use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
-use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
-use candle_transformers::models::stable_diffusion::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
+use candle_nn::{group_norm, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_transformers::models::stable_diffusion::embeddings::Timesteps;
 
 use super::config::{divides, AdditionEmbedSpec, UNetBlockSpec, UNetSpec};
+use super::resnet::{ResnetBlock2D, ResnetConfig, TimestepEmbedding};
 use super::transformer::{Transformer2D, Transformer2DConfig};
+use crate::lora::{conv2d, LoraConv2d as Conv2d};
 
 fn padded(padding: usize) -> Conv2dConfig {
     Conv2dConfig {
@@ -100,13 +101,11 @@ impl Shared {
         out_channels: usize,
         output_scale_factor: f64,
     ) -> candle_core::Result<ResnetBlock2D> {
-        let cfg = ResnetBlock2DConfig {
-            out_channels: Some(out_channels),
-            temb_channels: Some(self.temb_channels),
+        let cfg = ResnetConfig {
+            out_channels,
+            temb_channels: self.temb_channels,
             groups: self.groups,
-            groups_out: None,
             eps: self.eps,
-            use_in_shortcut: None,
             output_scale_factor,
         };
         ResnetBlock2D::new(vb, in_channels, cfg)
@@ -171,7 +170,7 @@ impl DownBlock {
     ) -> candle_core::Result<Tensor> {
         let mut xs = xs.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
-            xs = resnet.forward(&xs, Some(temb))?;
+            xs = resnet.forward(&xs, temb)?;
             if let Some(attn) = self.attentions.get(i) {
                 xs = attn.forward(&xs, context)?;
             }
@@ -208,7 +207,7 @@ impl UpBlock {
             let skip = skips.pop().ok_or_else(|| {
                 candle_core::Error::Msg("UNet ran out of skip connections".into())
             })?;
-            xs = resnet.forward(&Tensor::cat(&[&xs, &skip], 1)?, Some(temb))?;
+            xs = resnet.forward(&Tensor::cat(&[&xs, &skip], 1)?, temb)?;
             if let Some(attn) = self.attentions.get(i) {
                 xs = attn.forward(&xs, context)?;
             }
@@ -476,9 +475,9 @@ impl UNet {
         }
 
         let mid = &self.mid_block;
-        xs = mid.first.forward(&xs, Some(&temb))?;
+        xs = mid.first.forward(&xs, &temb)?;
         xs = mid.attention.forward(&xs, &context)?;
-        xs = mid.second.forward(&xs, Some(&temb))?;
+        xs = mid.second.forward(&xs, &temb)?;
 
         // When h or w is not a multiple of 2^(upsamplers), each upsample must land exactly on the
         // size of the skip connection it is concatenated with next.

@@ -133,8 +133,35 @@ impl Pipeline {
     pub fn generate_batch(&self, entries: &mut [BatchEntry<'_>]) -> Vec<Result<Vec<RgbImage>>> {
         let mut results: Vec<Option<Result<Vec<RgbImage>>>> =
             entries.iter().map(|_| None).collect();
+        // The batch's LoRA set (the engine batches only requests with the same one) stays active
+        // for every text encode and denoiser pass below, and is switched off when the guard drops.
+        let set = entries
+            .first()
+            .map(|e| e.request.loras.clone())
+            .unwrap_or_default();
+        let _active = match self.loras.activate(&set) {
+            Ok(guard) => guard,
+            Err(e) => {
+                let message = e.to_string();
+                let mut error = Some(e);
+                return entries
+                    .iter()
+                    .map(|_| {
+                        Err(error
+                            .take()
+                            .unwrap_or_else(|| WorkerError::Internal(message.clone())))
+                    })
+                    .collect();
+            }
+        };
         let mut running: Vec<Running> = Vec::with_capacity(entries.len());
         for (index, entry) in entries.iter_mut().enumerate() {
+            if entry.request.loras != set {
+                results[index] = Some(Err(WorkerError::Internal(
+                    "a request with another LoRA set was batched".into(),
+                )));
+                continue;
+            }
             match self.start(index, entry) {
                 Ok(r) if running.first().is_none_or(|first| shares_passes(first, &r)) => {
                     running.push(r)
@@ -229,6 +256,13 @@ impl Pipeline {
                 strength,
             } => self.prepare_inpaint(req, image, mask, strength, scheduler, rng)?,
         };
+        if plan.fill && !req.loras.is_empty() {
+            return Err(WorkerError::invalid(
+                "lora_settings",
+                "LoRAs are not applied to the separate Fill transformer masked edits run on; \
+                 send this edit without lora_settings",
+            ));
+        }
         let steps = plan.scheduler.timesteps().len().saturating_sub(plan.start);
         let wanted = entry.progress.partial_images().min(MAX_PARTIAL_IMAGES);
         Ok(Running {

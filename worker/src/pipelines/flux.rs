@@ -23,6 +23,7 @@ use super::conditioning::Conditioning;
 use super::sd::{repeat_rows, TextEncoder};
 use crate::device::{without_float16, Precision};
 use crate::error::{Result, WorkerError};
+use crate::lora::ComponentLoras;
 use crate::models::component::{Component, Offload, WeightFiles};
 use crate::models::redux::{FluxRedux, PRIOR_TEXT_TOKENS};
 use crate::models::t5::T5Encoder;
@@ -57,6 +58,7 @@ impl FluxText {
         device: &Device,
         offload: Option<&Arc<Offload>>,
         guidance_embeds: bool,
+        clip_loras: Option<Arc<ComponentLoras>>,
     ) -> Result<Self> {
         let clip = TextEncoder::load(
             source,
@@ -65,6 +67,7 @@ impl FluxText {
             precision,
             device,
             offload,
+            clip_loras,
         )?;
         let t5_dir = dir.join("text_encoder_2");
         let config = T5Encoder::read_config(source, &t5_dir)?;

@@ -46,6 +46,7 @@ use std::time::Duration;
 use ::image::{GrayImage, RgbImage};
 use candle_core::{DType, Device, Tensor};
 
+use crate::lora::{AdapterFile, LoraWeight};
 use crate::schedulers::SchedulerKind;
 
 /// Where and how to load a model.
@@ -72,6 +73,8 @@ pub struct LoadOptions {
     pub fill_transformer: Option<PathBuf>,
     /// FLUX: a FluxPriorReduxPipeline repo for variations (`variations_config.enable_flux_redux`).
     pub redux: Option<PathBuf>,
+    /// LoRA adapters loaded with the model (`pipeline.loras`), applied per request.
+    pub loras: Vec<AdapterFile>,
 }
 
 impl LoadOptions {
@@ -87,6 +90,7 @@ impl LoadOptions {
             vae_tiling: false,
             fill_transformer: None,
             redux: None,
+            loras: Vec::new(),
         }
     }
 }
@@ -112,6 +116,8 @@ pub struct TextToImage {
     /// FLUX: T5 tokens the prompt is padded or truncated to; `None` = the model's default.
     /// Ignored by CLIP-only families (their window is fixed).
     pub max_sequence_length: Option<usize>,
+    /// LoRA adapters and weights for this request (`lora_settings`); empty = the plain model.
+    pub loras: Vec<LoraWeight>,
 }
 
 /// What a request starts from besides its prompt, already at the output size.

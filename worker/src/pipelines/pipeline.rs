@@ -31,6 +31,7 @@ use super::sdxl::{SdxlText, TIME_IDS};
 use super::{Input, LoadOptions, Progress, TextToImage};
 use crate::device::Precision;
 use crate::error::{Result, WorkerError};
+use crate::lora::{self, LoraBank, Naming, Target};
 use crate::models::component::{Component, Offload, WeightFiles};
 use crate::models::config::{divides, read_json, UNetConfigFile, UNetSpec};
 use crate::models::flux::{FluxTransformer, FluxTransformerConfig, FluxVariant};
@@ -99,6 +100,9 @@ pub struct Pipeline {
     pub(super) vae: Autoencoder,
     /// The slot the parts share when offloaded; emptied after each request.
     offload: Option<Arc<Offload>>,
+    /// The LoRA adapters (`pipeline.loras`) the denoiser and text encoders were built to reach;
+    /// each batch runs with its requests' set active (see `denoise.rs`).
+    pub(super) loras: LoraBank,
     scheduler_config: SchedulerConfig,
     /// The denoiser's training resolution in latents (FLUX: diffusers' default 128).
     sample_size: usize,
@@ -126,6 +130,7 @@ impl Pipeline {
             run: opts.dtype,
         };
         let offload = opts.cpu_offload.then(Offload::new);
+        let loras = LoraBank::load(&opts.loras, device, opts.dtype)?;
 
         let vae = Autoencoder::load(
             source,
@@ -145,6 +150,7 @@ impl Pipeline {
                 precision,
                 device,
                 offload.as_ref(),
+                &loras,
             )?,
             PipelineClass::Flux => load_flux(
                 source,
@@ -154,8 +160,14 @@ impl Pipeline {
                 precision,
                 device,
                 offload.as_ref(),
+                &loras,
             )?,
         };
+        let adapted: &[Target] = match parts.family {
+            Family::Sdxl => &[Target::Denoiser, Target::TextEncoder, Target::TextEncoder2],
+            Family::Sd1 | Family::Sd2 | Family::Flux => &[Target::Denoiser, Target::TextEncoder],
+        };
+        loras.check_parts(adapted)?;
         let fill = match &opts.fill_transformer {
             Some(fill_dir) => Some(load_fill_beside(
                 source,
@@ -184,6 +196,7 @@ impl Pipeline {
             redux,
             vae,
             offload,
+            loras,
             scheduler_config,
             sample_size: parts.sample_size,
             device: device.clone(),
@@ -204,6 +217,11 @@ impl Pipeline {
 
     pub fn family(&self) -> Family {
         self.family
+    }
+
+    /// The LoRA adapters requests can name, in config order.
+    pub fn lora_names(&self) -> Vec<String> {
+        self.loras.names()
     }
 
     /// True when the UNet is an inpainting UNet (9 input channels). Such a model inpaints by
@@ -543,14 +561,18 @@ fn load_unet_family(
     precision: Precision,
     device: &Device,
     offload: Option<&Arc<Offload>>,
+    loras: &LoraBank,
 ) -> Result<Parts> {
     let unet_config_path = dir.join("unet/config.json");
     let unet_file: UNetConfigFile = read_json(source, &unet_config_path)?;
     let unet_spec = unet_file.to_spec(source, &unet_config_path)?;
     let (family, text) = if class == PipelineClass::StableDiffusionXl {
-        let load = |folders| TextEncoder::load(source, dir, folders, precision, device, offload);
-        let first = load(("text_encoder", "tokenizer"))?;
-        let second = load(("text_encoder_2", "tokenizer_2"))?;
+        let load = |folders, target| {
+            let adapters = loras.component(target, Naming::Clip);
+            TextEncoder::load(source, dir, folders, precision, device, offload, adapters)
+        };
+        let first = load(("text_encoder", "tokenizer"), Target::TextEncoder)?;
+        let second = load(("text_encoder_2", "tokenizer_2"), Target::TextEncoder2)?;
         let sdxl = SdxlText {
             first,
             second,
@@ -566,6 +588,7 @@ fn load_unet_family(
             precision,
             device,
             offload,
+            loras.component(Target::TextEncoder, Naming::Clip),
         )?;
         if let Some(addition) = unet_spec.addition {
             return Err(WorkerError::model_load(
@@ -604,6 +627,10 @@ fn load_unet_family(
         ));
     }
     let sample_size = unet_spec.sample_size;
+    let naming = Naming::Unet {
+        layers_per_block: unet_spec.down_blocks.first().map_or(0, |b| b.resnets),
+    };
+    let adapters = loras.component(Target::Denoiser, naming);
     let unet = Component::load(
         WeightFiles {
             source_name: source.to_string(),
@@ -613,7 +640,7 @@ fn load_unet_family(
         precision,
         device,
         offload,
-        move |vb| UNet::new(vb, &unet_spec),
+        move |vb| lora::build_with(adapters.as_ref(), || UNet::new(vb, &unet_spec)),
     )?;
     Ok(Parts {
         family,
@@ -638,8 +665,10 @@ fn load_flux(
     precision: Precision,
     device: &Device,
     offload: Option<&Arc<Offload>>,
+    loras: &LoraBank,
 ) -> Result<Parts> {
-    let (transformer, config) = load_flux_transformer(source, dir, precision, device, offload)?;
+    let (transformer, config) =
+        load_flux_transformer(source, dir, precision, device, offload, Some(loras))?;
     let config_path = dir.join("transformer/config.json");
     // The class must agree with the transformer: a FluxFillPipeline repo with an ordinary
     // transformer (or the reverse) is broken or mislabelled.
@@ -685,6 +714,7 @@ fn load_flux(
         device,
         offload,
         config.guidance_embeds,
+        loras.component(Target::TextEncoder, Naming::Clip),
     )?;
     check_flux_text(source, dir, &text, &config)?;
     Ok(Parts {
@@ -696,17 +726,20 @@ fn load_flux(
     })
 }
 
-/// `dir/transformer/` as an offloadable component, with its config.
+/// `dir/transformer/` as an offloadable component, with its config; `loras` reach it when given
+/// (not for a Fill transformer beside the base).
 fn load_flux_transformer(
     source: &str,
     dir: &Path,
     precision: Precision,
     device: &Device,
     offload: Option<&Arc<Offload>>,
+    loras: Option<&LoraBank>,
 ) -> Result<(Component<FluxTransformer>, FluxTransformerConfig)> {
     let config_path = dir.join("transformer/config.json");
     let config = FluxTransformerConfig::load(source, &config_path)?;
     let built = config.clone();
+    let adapters = loras.and_then(|l| l.component(Target::Denoiser, Naming::Flux));
     let transformer = Component::load(
         WeightFiles {
             source_name: source.to_string(),
@@ -716,7 +749,11 @@ fn load_flux_transformer(
         precision,
         device,
         offload,
-        move |vb| FluxTransformer::new(vb, built.clone()),
+        move |vb| {
+            lora::build_with(adapters.as_ref(), || {
+                FluxTransformer::new(vb, built.clone())
+            })
+        },
     )?;
     Ok((transformer, config))
 }
@@ -796,7 +833,7 @@ fn load_fill_beside(
         }
     }
     let (transformer, config) =
-        load_flux_transformer(&fill_source, fill_dir, precision, device, offload)?;
+        load_flux_transformer(&fill_source, fill_dir, precision, device, offload, None)?;
     config.require(
         &FluxVariant::Fill,
         vae.latent_channels(),

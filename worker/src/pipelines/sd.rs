@@ -14,6 +14,7 @@ use candle_core::{Device, Tensor};
 use super::conditioning::Conditioning;
 use crate::device::Precision;
 use crate::error::Result;
+use crate::lora::{self, ComponentLoras};
 use crate::models::clip::ClipTextTransformer;
 use crate::models::component::{Component, Offload, WeightFiles};
 use crate::models::config::{read_json, ClipActivation, ClipTextConfig};
@@ -28,7 +29,7 @@ pub struct TextEncoder {
 }
 
 impl TextEncoder {
-    /// Loads one encoder; errors name its folder's files.
+    /// Loads one encoder, reachable by `loras`; errors name its folder's files.
     pub fn load(
         source: &str,
         dir: &Path,
@@ -36,6 +37,7 @@ impl TextEncoder {
         precision: Precision,
         device: &Device,
         offload: Option<&Arc<Offload>>,
+        loras: Option<Arc<ComponentLoras>>,
     ) -> Result<Self> {
         let config_path = dir.join(text_folder).join("config.json");
         let config: ClipTextConfig = read_json(source, &config_path)?;
@@ -55,7 +57,11 @@ impl TextEncoder {
             precision,
             device,
             offload,
-            move |vb| ClipTextTransformer::new(vb, built.clone()),
+            move |vb| {
+                lora::build_with(loras.as_ref(), || {
+                    ClipTextTransformer::new(vb, built.clone())
+                })
+            },
         )?;
         Ok(TextEncoder {
             tokenizer,

@@ -64,6 +64,7 @@ impl Case {
             scheduler: SchedulerKind::from_name(&self.scheduler)
                 .ok_or_else(|| format!("{}: unknown scheduler {}", self.name, self.scheduler))?,
             max_sequence_length: None,
+            loras: Vec::new(),
         })
     }
 }
@@ -140,6 +141,7 @@ pub fn load_as(model: &str, dtype: DType) -> Result<Pipeline, Box<dyn std::error
         vae_tiling: false,
         fill_transformer: None,
         redux: None,
+        loras: Vec::new(),
     };
     Ok(Pipeline::load(
         &fixtures().join("models").join(model),

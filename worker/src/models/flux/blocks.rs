@@ -13,10 +13,10 @@
 //! becoming inf.
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::attention::{apply_rope, attention, merge_heads, split_heads, Rope};
-use super::layers::{chunks, layer_norm, linear, modulate, RmsNorm};
+use super::layers::{chunks, layer_norm, linear, modulate, Linear, RmsNorm};
 
 /// LayerNorm epsilon of every norm in the blocks.
 const NORM_EPS: f64 = 1e-6;

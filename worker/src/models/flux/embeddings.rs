@@ -8,9 +8,9 @@
 //!   and handed to the attention as float32 cos/sin tables of (tokens, head_dim / 2).
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
-use super::layers::linear;
+use super::layers::{linear, Linear};
 
 /// Channels of the sinusoidal timestep projection (`Timesteps(num_channels=256)`).
 const TIME_CHANNELS: usize = 256;

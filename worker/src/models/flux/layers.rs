@@ -1,15 +1,17 @@
 //! The small layers every FLUX block is made of: linear projections, affine-free layer norms and
 //! the per-head RMS norms of queries and keys.
 //!
-//! Every `nn.Linear` of the transformer is built by [`linear`], so a LoRA wrapper can later replace
-//! that one function and reach every projection with diffusers' names.
+//! Every `nn.Linear` of the transformer is built by [`linear`], a layer LoRA adapters reach with
+//! diffusers' module names (see `crate::lora`).
 
 use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+pub use crate::lora::LoraLinear as Linear;
 
 /// `nn.Linear(in_dim, out_dim)` with a bias, weights `{prefix}.weight` (out × in) and `{prefix}.bias`.
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
-    candle_nn::linear(in_dim, out_dim, vb)
+    crate::lora::linear(in_dim, out_dim, vb)
 }
 
 /// `nn.LayerNorm(dim, elementwise_affine=False, eps)` over the last dimension, computed in float32

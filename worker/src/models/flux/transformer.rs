@@ -14,13 +14,13 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::attention::Rope;
 use super::blocks::{DoubleBlock, SingleBlock};
 use super::config::FluxTransformerConfig;
 use super::embeddings::{rope_tables, timestep_sinusoids, Mlp2};
-use super::layers::{chunks, layer_norm, linear};
+use super::layers::{chunks, layer_norm, linear, Linear};
 use crate::error::{Result, WorkerError};
 use crate::models::weights;
 
