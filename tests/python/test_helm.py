@@ -545,14 +545,27 @@ def test_dockerfile_passes_hadolint(dockerfile):
 
 @pytest.mark.parametrize("dockerfile", ["Dockerfile.gateway", "Dockerfile.worker", "Dockerfile.worker-cuda"])
 def test_dockerfile_runs_as_non_root_with_a_healthcheck_and_labels(dockerfile):
-    lines = (ROOT / "deploy" / dockerfile).read_text().splitlines()
-    runtime = lines[max(i for i, line in enumerate(lines) if line.startswith("FROM ")) :]
-    text = "\n".join(runtime)
+    text = (ROOT / "deploy" / dockerfile).read_text()
+    stages = {}
+    for chunk in text.split("\nFROM ")[1:]:
+        head, _, body = chunk.partition("\n")
+        base, _, name = head.partition(" AS ")
+        stages[name.strip()] = (base.strip(), body)
+    # Both targets (the default multi-stage build, last, and runtime-prebuilt) share one runtime stage.
+    assert list(stages)[-1] == "runtime"
+    assert stages["runtime"][0] == stages["runtime-prebuilt"][0] == "runtime-base"
+    assert stages["runtime-base"][0] == "${RUNTIME_BASE}"
+    assert text.index("ARG RUNTIME_BASE=") < text.index("\nFROM ")
+    assert text.index("ARG PREBUILT_DIR=target/release") < text.index("\nFROM ")
+    runtime = stages["runtime-base"][1].splitlines()
     users = [line.split()[1] for line in runtime if line.startswith("USER ")]
     assert users and users[-1].split(":")[0] not in {"0", "root"}
-    assert "HEALTHCHECK" in text
+    assert any(line.startswith("HEALTHCHECK") for line in runtime)
+    assert any(line.startswith("ENTRYPOINT") for line in runtime)
     for label in ("title", "version", "revision", "source", "licenses"):
-        assert f"org.opencontainers.image.{label}=" in text
+        assert f"org.opencontainers.image.{label}=" in stages["runtime-base"][1]
+    for target in ("runtime", "runtime-prebuilt"):
+        assert not any(line.startswith(("USER", "ENTRYPOINT", "RUN")) for line in stages[target][1].splitlines())
 
 
 def test_dockerignore_keeps_what_the_builds_copy():
@@ -563,9 +576,12 @@ def test_dockerignore_keeps_what_the_builds_copy():
         for line in (ROOT / "deploy" / dockerfile).read_text().splitlines():
             if line.startswith("COPY ") and "--from=" not in line:
                 for source in line.split()[1:-1]:
+                    # runtime-prebuilt: the default PREBUILT_DIR, built on the host, not committed.
+                    prebuilt = source.startswith("${PREBUILT_DIR}/")
+                    source = source.replace("${PREBUILT_DIR}", "target/release")
                     covered = (source.rstrip("/") == a or source.startswith(a + "/") for a in allowed)
                     assert any(covered), (dockerfile, source)
-                    assert (ROOT / source.split("*")[0].rstrip("/")).exists(), source
+                    assert prebuilt or (ROOT / source.split("*")[0].rstrip("/")).exists(), source
 
 
 def test_dockerfiles_copy_every_workspace_member():
