@@ -14,9 +14,9 @@ Everything is generated here, nothing is downloaded:
      L2 + L1 reconstruction loss and a small KL term; its scaling factor makes the latents unit-variance.
      Then its decoder alone is tuned on whole pictures (the encoder, so the latent space, stays fixed).
   4. A CLIP text encoder and a UNet2DConditionModel trained together from scratch on the cached
-     latents (epsilon prediction, linear betas so that the last timestep is pure noise, min-SNR
+     latents (v-prediction by default, linear betas so that the last timestep is pure noise, min-SNR
      weighting, 10 % empty captions for classifier-free guidance, EMA weights are the ones saved).
-  5. The pipeline is saved in diffusers format (safetensors, float32) with an Euler scheduler, then
+  5. The pipeline is saved in diffusers format (safetensors, float32) with a DDIM scheduler, then
      loaded back with diffusers' StableDiffusionPipeline and checked: for prompts of every kind, the
      colour at the named place and the background must be the named ones (the accuracy is printed and
      written to train_log.json with the losses and timings).
@@ -53,8 +53,8 @@ sys.path.insert(0, str(REPO / "tests" / "fixtures"))
 import make_fixtures as fx  # noqa: E402  (the fixtures' tokenizer builder and JSON writer)
 from diffusers import (  # noqa: E402
     AutoencoderKL,
+    DDIMScheduler,
     DDPMScheduler,
-    EulerDiscreteScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
@@ -250,9 +250,25 @@ SCHEDULER = dict(
     # Linear betas end at alpha_bar = 4e-5: the last training timestep is (nearly) pure noise, like
     # the sampler's first step, so flat colours and backgrounds come out as asked.
     beta_schedule="linear",
-    prediction_type="epsilon",
     steps_offset=1,
 )
+
+
+def scheduler_config(args):
+    return {**SCHEDULER, "prediction_type": args.prediction}
+
+
+def sampling_scheduler(args):
+    """DDIM with trailing timesteps, so the first step is t=999 (pure noise, as trained).
+
+    With epsilon prediction and these betas the first steps' x0 estimates divide the prediction's
+    error by sqrt(alpha_bar) = 0.0064: unclipped, diffusers' Euler and DDIM both ended in noise
+    (run of 2026-12-01); clipping x0 to +-2 (the latents have unit variance) rescues them.
+    v-prediction has no such amplification, so it needs no clipping.
+    """
+    clip = args.prediction == "epsilon"
+    return DDIMScheduler(**scheduler_config(args), timestep_spacing="trailing", set_alpha_to_one=False,
+                         clip_sample=clip, clip_sample_range=2.0)
 
 
 def lr_at(step, total, peak, warmup):
@@ -381,12 +397,16 @@ class Ema:
 def train_unet(latents_mean, latents_std, ids, empty_ids, vocab, scaling, args, log):
     torch.manual_seed(args.seed + 2)
     gen = torch.Generator().manual_seed(args.seed + 2)
-    unet = build_unet().train()
-    text = build_text_encoder(vocab).train()
+    if args.unet_init:
+        unet = UNet2DConditionModel.from_pretrained(args.unet_init / "unet").train()
+        text = CLIPTextModel.from_pretrained(args.unet_init / "text_encoder").train()
+    else:
+        unet = build_unet().train()
+        text = build_text_encoder(vocab).train()
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     ema_unet, ema_text = Ema(unet, args.ema), Ema(text, args.ema)
-    noise_schedule = DDPMScheduler(**SCHEDULER)
+    noise_schedule = DDPMScheduler(**scheduler_config(args))
     alphas = noise_schedule.alphas_cumprod
     snr = alphas / (1 - alphas)
     losses = []
@@ -404,9 +424,14 @@ def train_unet(latents_mean, latents_std, ids, empty_ids, vocab, scaling, args, 
         noisy = noise_schedule.add_noise(z, noise, t)
         context = text(tokens).last_hidden_state
         pred = unet(noisy, t, context).sample
-        # min-SNR-5 weighting (Hang et al. 2023) for epsilon prediction: converges faster.
-        weight = torch.clamp(snr[t], max=5.0) / snr[t]
-        loss = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        # min-SNR-5 weighting (Hang et al. 2023): converges faster.
+        if args.prediction == "v_prediction":
+            target = noise_schedule.get_velocity(z, noise, t)
+            weight = torch.clamp(snr[t], max=5.0) / (snr[t] + 1)
+        else:
+            target = noise
+            weight = torch.clamp(snr[t], max=5.0) / snr[t]
+        loss = (weight * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -508,6 +533,8 @@ def main():
     parser.add_argument("--decoder-steps", type=int, default=500)
     parser.add_argument("--vae-only", action="store_true", help="stop after the VAE (WORK/vae_tuned)")
     parser.add_argument("--decoder-lr", type=float, default=1e-3)
+    parser.add_argument("--unet-init", type=Path,
+                        help="continue training the UNet and text encoder of a pipeline this script saved")
     parser.add_argument("--unet-from", type=Path,
                         help="reuse the UNet and text encoder of a pipeline this script saved instead of training them")
     parser.add_argument("--vae-lr", type=float, default=2e-3)
@@ -516,6 +543,8 @@ def main():
     parser.add_argument("--batch", type=int, default=48)
     parser.add_argument("--lr", type=float, default=8e-4)
     parser.add_argument("--ema", type=float, default=0.998)
+    parser.add_argument("--prediction", choices=("epsilon", "v_prediction"), default="v_prediction",
+                        help="what the UNet predicts (the 2026-12-01 run used epsilon)")
     parser.add_argument("--caption-dropout", type=float, default=0.1)
     parser.add_argument("--eval-count", type=int, default=24)
     parser.add_argument("--eval-steps", type=int, default=20)
@@ -597,18 +626,22 @@ def main():
         # it into tokenizer.json, which loaders then read as every prompt being 77 tokens long.
         tokenizer=fx.make_tokenizer(vocab, merges, fx.EOS),
         unet=unet,
-        scheduler=EulerDiscreteScheduler(**SCHEDULER),
+        scheduler=sampling_scheduler(args),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(args.out, safe_serialization=True)
+    # StableDiffusionPipeline switches clip_sample off when it is built (a deprecation); write the
+    # scheduler as meant.
+    sampling_scheduler(args).save_pretrained(args.out / "scheduler")
     fx.write_json(args.out / "tokenizer" / "special_tokens_map.json", fx.special_tokens_map(fx.EOS))
 
     clock.start()
     loaded = StableDiffusionPipeline.from_pretrained(args.out, dtype=torch.float32)
     loaded.set_progress_bar_config(disable=True)
+    loaded.scheduler = sampling_scheduler(args)
     grid = evaluate(loaded, args, log)
     grid.save(args.out / "samples.png")
     clock.stop("eval")
