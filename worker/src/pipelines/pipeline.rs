@@ -844,8 +844,8 @@ fn load_fill_beside(
     Ok(Denoiser::Flux(transformer))
 }
 
-/// True when two component folders hold the same config and the same weight files (names and
-/// sizes; a repo that only links to the base's blobs, as the Hub cache does, has them).
+/// True when two component folders hold the same config (up to provenance keys) and the same
+/// weight files (names and sizes; a repo that only links to the base's blobs, as the Hub cache does, has them).
 fn same_files(a: &Path, b: &Path) -> bool {
     let listing = |dir: &Path| -> Option<Vec<(PathBuf, u64)>> {
         let mut files: Vec<(PathBuf, u64)> = std::fs::read_dir(dir)
@@ -860,11 +860,21 @@ fn same_files(a: &Path, b: &Path) -> bool {
         files.sort();
         Some(files)
     };
-    let config = |dir: &Path| std::fs::read(dir.join("config.json")).ok();
-    match (listing(a), listing(b)) {
-        (Some(x), Some(y)) => x == y && config(a).is_some() && config(a) == config(b),
+    match (listing(a), listing(b), model_config(a), model_config(b)) {
+        (Some(x), Some(y), Some(ca), Some(cb)) => x == y && ca == cb,
         _ => false,
     }
+}
+
+/// A component's `config.json` without what says where and by which library version it was
+/// saved (`_name_or_path`, `_diffusers_version`, `transformers_version`, …): two repos saving the
+/// same weights differ there and nowhere that matters.
+fn model_config(dir: &Path) -> Option<serde_json::Map<String, serde_json::Value>> {
+    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
+    let mut config: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&text).ok()?;
+    config.retain(|key, _| !key.starts_with('_') && key != "transformers_version");
+    Some(config)
 }
 
 /// `variations_config.enable_flux_redux`: the Redux prior in `redux_dir`, whose tokens must be
