@@ -10,12 +10,16 @@
 //! * `--mode flux-blocks` ([`flux_blocks`]): one FLUX double and single block at full width.
 //! * `--mode unet` ([`unet`]): one guided UNet pass (batch 2) of a full-size architecture.
 //! * `--mode lora` ([`lora`]): request and step time with random LoRA sets vs without, switching.
+//! * `--mode vae` ([`vae`]): one VAE decode of random latents at --size.
+//! * `--mode ops` ([`ops`]): single ops at real shapes (fused GroupNorm + SiLU), ours vs candle's.
 
 pub mod flux_blocks;
 pub mod lora;
 pub mod memory;
+pub mod ops;
 pub mod throughput;
 pub mod unet;
+pub mod vae;
 
 use std::fmt;
 use std::ops::ControlFlow;

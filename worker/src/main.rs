@@ -172,6 +172,10 @@ enum BenchMode {
     Unet,
     /// Request and step time with random rank --lora-rank adapters vs without, and switching.
     Lora,
+    /// One VAE decode (batch 1) of random latents at --size (the VAE in --model DIR/vae).
+    Vae,
+    /// Single ops at real models' shapes, ours vs candle's (no model is loaded).
+    Ops,
 }
 
 fn main() -> ExitCode {
@@ -410,6 +414,10 @@ fn numbered(path: &Path, i: usize) -> PathBuf {
 }
 
 fn run_bench(args: BenchArgs) -> Result<()> {
+    if args.mode == BenchMode::Ops {
+        println!("{}", bench::ops::run(args.repeat)?);
+        return Ok(());
+    }
     let (config, base_dir) = load_source(&args.source)?;
     let (width, height) = parse_size(&args.size)?;
     let at_least_one = |flag: &str, values: &[usize]| {
@@ -455,6 +463,12 @@ fn run_bench(args: BenchArgs) -> Result<()> {
             )?;
             println!("{report}");
         }
+        BenchMode::Vae => {
+            let report = bench::vae::run(&config, base_dir.as_deref(), &settings)?;
+            println!("{report}");
+        }
+        // Answered before a model is resolved.
+        BenchMode::Ops => {}
         BenchMode::Memory => {
             let cases = if args.options.is_empty() {
                 bench::memory::MemoryCase::ALL.to_vec()

@@ -108,6 +108,35 @@ impl fmt::Display for FluxBlocksReport {
     }
 }
 
+impl BlockRow {
+    /// "seconds per {what} … · resident … MiB · peak … MiB", then the machine-readable line
+    /// `{marker} width= height= seconds= rss_before_kib= peak_kib=` that the driving scripts parse.
+    pub(super) fn write_figures(
+        &self,
+        f: &mut fmt::Formatter<'_>,
+        what: &str,
+        marker: &str,
+        (width, height): (usize, usize),
+    ) -> fmt::Result {
+        let mib =
+            |kib: Option<u64>| kib.map_or("?".to_string(), |k| format!("{:.0}", k as f64 / 1024.0));
+        writeln!(
+            f,
+            "seconds per {what} {:.3} · resident {} MiB · peak {} MiB",
+            self.mean.as_secs_f64(),
+            mib(self.rss_before_kib),
+            mib(self.peak_kib)
+        )?;
+        write!(
+            f,
+            "{marker} width={width} height={height} seconds={:.4} rss_before_kib={} peak_kib={}",
+            self.mean.as_secs_f64(),
+            self.rss_before_kib.map_or(-1, |k| k as i64),
+            self.peak_kib.map_or(-1, |k| k as i64)
+        )
+    }
+}
+
 /// A /proc/self/status value in KiB (Linux).
 fn status_kib(key: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -56,24 +56,8 @@ impl fmt::Display for UNetReport {
             self.parameters as f64 / 1e9,
             self.repeat
         )?;
-        let mib =
-            |kib: Option<u64>| kib.map_or("?".to_string(), |k| format!("{:.0}", k as f64 / 1024.0));
-        writeln!(
-            f,
-            "seconds per pass {:.3} · resident {} MiB · peak {} MiB",
-            self.row.mean.as_secs_f64(),
-            mib(self.row.rss_before_kib),
-            mib(self.row.peak_kib)
-        )?;
-        write!(
-            f,
-            "{MARKER} width={} height={} seconds={:.4} rss_before_kib={} peak_kib={}",
-            self.width,
-            self.height,
-            self.row.mean.as_secs_f64(),
-            self.row.rss_before_kib.map_or(-1, |k| k as i64),
-            self.row.peak_kib.map_or(-1, |k| k as i64)
-        )
+        self.row
+            .write_figures(f, "pass", MARKER, (self.width, self.height))
     }
 }
 

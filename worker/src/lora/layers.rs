@@ -110,7 +110,7 @@ pub struct LoraConv2d {
 
 impl Module for LoraConv2d {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let ys = self.base.forward(xs)?;
+        let ys = crate::models::conv::forward(&self.base, xs)?;
         match &self.deltas {
             Some(deltas) => deltas.add(xs, ys),
             None => Ok(ys),

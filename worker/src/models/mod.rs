@@ -9,7 +9,10 @@
 //! tokenizer.rs  tokenizer.json, or CLIP BPE from vocab.json + merges.txt; bos/eos/pad, truncation
 //! unet.rs       the SD 1.x/2.x and SDXL UNet; resnet.rs its resnet and time-embedding blocks
 //! transformer.rs  the UNet's spatial transformer (exact-GELU GEGLU, as diffusers)
-//! vae.rs        the VAE (encoder with a seedable latent sample, decoder) from candle's blocks
+//! norm.rs       GroupNorm (+ SiLU) fused into one op on the CPU in float32
+//! conv.rs       3×3 convolutions as im2col tiles × one gemm on the CPU in float32
+//! vae.rs        the VAE (encoder with a seedable latent sample, decoder); vae_blocks.rs its
+//!               blocks, on our resnet (fused GroupNorm + SiLU) and blocked attention
 //! vae_tiling.rs tiled VAE encode/decode with overlap blending (diffusers' enable_tiling)
 //! flux/         FLUX.1 transformer (dev, schnell, Fill), latent packing and position ids
 //! t5.rs, t5_tokenizer.rs  FLUX's T5 v1.1 text encoder and its SentencePiece tokenizer
@@ -21,7 +24,9 @@
 pub mod clip;
 pub mod component;
 pub mod config;
+pub mod conv;
 pub mod flux;
+pub mod norm;
 pub mod pil_resize;
 pub mod redux;
 pub mod resnet;
@@ -31,5 +36,6 @@ pub mod tokenizer;
 pub mod transformer;
 pub mod unet;
 pub mod vae;
+pub mod vae_blocks;
 pub mod vae_tiling;
 pub mod weights;

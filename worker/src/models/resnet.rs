@@ -3,7 +3,9 @@
 //! adapters reach them. Same computation as candle's versions of these blocks.
 
 use candle_core::{Module, Tensor, D};
-use candle_nn::{group_norm, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
+
+use crate::models::norm::{group_norm, GroupNorm};
 
 use crate::lora::{conv2d, linear, LoraConv2d, LoraLinear};
 
@@ -11,6 +13,7 @@ use crate::lora::{conv2d, linear, LoraConv2d, LoraLinear};
 #[derive(Debug, Clone, Copy)]
 pub struct ResnetConfig {
     pub out_channels: usize,
+    /// Width of the time embedding; 0 for a resnet without one (the VAE's).
     pub temb_channels: usize,
     pub groups: usize,
     pub eps: f64,
@@ -24,7 +27,7 @@ pub struct ResnetConfig {
 pub struct ResnetBlock2D {
     norm1: GroupNorm,
     conv1: LoraConv2d,
-    time_emb_proj: LoraLinear,
+    time_emb_proj: Option<LoraLinear>,
     norm2: GroupNorm,
     conv2: LoraConv2d,
     conv_shortcut: Option<LoraConv2d>,
@@ -52,7 +55,9 @@ impl ResnetBlock2D {
         Ok(Self {
             norm1: group_norm(cfg.groups, in_channels, cfg.eps, vb.pp("norm1"))?,
             conv1: conv2d(in_channels, out, 3, padded, vb.pp("conv1"))?,
-            time_emb_proj: linear(cfg.temb_channels, out, vb.pp("time_emb_proj"))?,
+            time_emb_proj: (cfg.temb_channels > 0)
+                .then(|| linear(cfg.temb_channels, out, vb.pp("time_emb_proj")))
+                .transpose()?,
             norm2: group_norm(cfg.groups, out, cfg.eps, vb.pp("norm2"))?,
             conv2: conv2d(out, out, 3, padded, vb.pp("conv2"))?,
             conv_shortcut,
@@ -61,22 +66,30 @@ impl ResnetBlock2D {
     }
 
     pub fn forward(&self, xs: &Tensor, temb: &Tensor) -> candle_core::Result<Tensor> {
+        self.run(xs, Some(temb))
+    }
+
+    /// A resnet without a time embedding (the VAE's).
+    pub fn forward_plain(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.run(xs, None)
+    }
+
+    fn run(&self, xs: &Tensor, temb: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),
         };
-        let h = self
-            .conv1
-            .forward(&candle_nn::ops::silu(&self.norm1.forward(xs)?)?)?;
-        let t = self
-            .time_emb_proj
-            .forward(&candle_nn::ops::silu(temb)?)?
-            .unsqueeze(D::Minus1)?
-            .unsqueeze(D::Minus1)?;
-        let h = t.broadcast_add(&h)?;
-        let h = self
-            .conv2
-            .forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
+        let h = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(temb)) => proj
+                .forward(&candle_nn::ops::silu(temb)?)?
+                .unsqueeze(D::Minus1)?
+                .unsqueeze(D::Minus1)?
+                .broadcast_add(&h)?,
+            (None, None) => h,
+            _ => candle_core::bail!("resnet: the time embedding does not match its config"),
+        };
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         (shortcut + h)? / self.output_scale_factor
     }
 }

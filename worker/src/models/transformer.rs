@@ -9,8 +9,9 @@
 //! where diffusers' GEGLU uses the exact (erf) one; the difference is visible in the latents.
 
 use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{group_norm, layer_norm, GroupNorm, LayerNorm, VarBuilder};
+use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 
+use super::norm::{group_norm, GroupNorm};
 use crate::lora::{conv2d, linear, linear_no_bias, LoraConv2d, LoraLinear};
 
 /// Multi-head attention, self (`context = None`) or cross.
@@ -84,7 +85,7 @@ const SCORE_BLOCK_BYTES: usize = 64 << 20;
 
 /// softmax(q·kᵀ·scale)·v for (b, heads, tokens, head_dim) float32 tensors, over blocks of query
 /// rows of at most [`SCORE_BLOCK_BYTES`] of scores.
-fn blocked_attention(
+pub(crate) fn blocked_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,

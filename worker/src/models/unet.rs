@@ -15,10 +15,11 @@
 //! the model dtype where diffusers uses float32, and it has no addition embedding at all.
 
 use candle_core::{Module, Tensor, D};
-use candle_nn::{group_norm, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 use candle_transformers::models::stable_diffusion::embeddings::Timesteps;
 
 use super::config::{divides, AdditionEmbedSpec, UNetBlockSpec, UNetSpec};
+use super::norm::{group_norm, GroupNorm};
 use super::resnet::{ResnetBlock2D, ResnetConfig, TimestepEmbedding};
 use super::transformer::{Transformer2D, Transformer2DConfig};
 use crate::lora::{conv2d, LoraConv2d as Conv2d};
@@ -495,7 +496,7 @@ impl UNet {
             xs = block.forward(&xs, &temb, &context, &mut skips, upsample_size)?;
         }
 
-        let xs = candle_nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
     }
 }

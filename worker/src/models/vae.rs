@@ -7,7 +7,8 @@
 //! decode: latents ─(post_quant_conv)─conv_in─▶ mid block ─▶ up blocks ─▶ norm·silu·conv_out ─▶ pixels
 //! ```
 //!
-//! Built from candle-transformers' public blocks. candle's own `AutoEncoderKL` is not used because
+//! Built from our blocks (`vae_blocks.rs`: fused GroupNorm + SiLU, blocked attention). candle's own
+//! `AutoEncoderKL` is not used because
 //! its latent distribution hides the mean and standard deviation and samples with candle's RNG,
 //! whereas diffusers samples `latent_dist` with the request's torch generator: the draw has to come
 //! from [`TorchRng`] in the pipeline's order for a seed to reproduce diffusers' picture.
@@ -17,12 +18,11 @@
 
 use candle_core::{DType, Module, Tensor};
 use candle_nn as nn;
-use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
-    DownEncoderBlock2D, DownEncoderBlock2DConfig, UNetMidBlock2D, UNetMidBlock2DConfig,
-    UpDecoderBlock2D, UpDecoderBlock2DConfig,
-};
 use candle_transformers::models::stable_diffusion::vae::AutoEncoderKLConfig;
 
+use crate::models::conv;
+use crate::models::norm::{group_norm, GroupNorm};
+use crate::models::vae_blocks::{DownEncoderBlock, MidBlock, UpDecoderBlock, VaeNorm};
 use crate::models::vae_tiling::TileSizes;
 use crate::rng::TorchRng;
 
@@ -169,20 +169,11 @@ fn conv3x3(
     nn::conv2d(in_channels, out_channels, 3, cfg, vb)
 }
 
-fn mid_block(
-    vb: nn::VarBuilder,
-    channels: usize,
-    groups: usize,
-) -> candle_core::Result<UNetMidBlock2D> {
-    let cfg = UNetMidBlock2DConfig {
-        resnet_eps: NORM_EPS,
-        output_scale_factor: 1.,
-        // diffusers' VAE attention has a single head over all channels.
-        attn_num_head_channels: None,
-        resnet_groups: Some(groups),
-        ..Default::default()
-    };
-    UNetMidBlock2D::new(vb, channels, None, cfg)
+fn norm(config: &AutoEncoderKLConfig) -> VaeNorm {
+    VaeNorm {
+        groups: config.norm_num_groups,
+        eps: NORM_EPS,
+    }
 }
 
 /// The last channel count of `config.block_out_channels` (validated non-empty by the config).
@@ -197,9 +188,9 @@ fn widest(config: &AutoEncoderKLConfig) -> candle_core::Result<usize> {
 #[derive(Debug)]
 struct Encoder {
     conv_in: nn::Conv2d,
-    down_blocks: Vec<DownEncoderBlock2D>,
-    mid_block: UNetMidBlock2D,
-    conv_norm_out: nn::GroupNorm,
+    down_blocks: Vec<DownEncoderBlock>,
+    mid_block: MidBlock,
+    conv_norm_out: GroupNorm,
     conv_out: nn::Conv2d,
 }
 
@@ -216,29 +207,22 @@ impl Encoder {
         let mut down_blocks = Vec::with_capacity(channels.len());
         let mut previous = channels[0];
         for (index, &width) in channels.iter().enumerate() {
-            let cfg = DownEncoderBlock2DConfig {
-                num_layers: config.layers_per_block,
-                resnet_eps: NORM_EPS,
-                resnet_groups: config.norm_num_groups,
-                // Every block but the last halves the resolution; diffusers pads (0, 1, 0, 1)
-                // for padding 0, which candle's Downsample2D does too.
-                add_downsample: index + 1 < channels.len(),
-                downsample_padding: 0,
-                ..Default::default()
-            };
-            down_blocks.push(DownEncoderBlock2D::new(
+            // Every block but the last halves the resolution.
+            down_blocks.push(DownEncoderBlock::new(
                 vb.pp("down_blocks").pp(index.to_string()),
+                config.layers_per_block,
                 previous,
                 width,
-                cfg,
+                index + 1 < channels.len(),
+                norm(config),
             )?);
             previous = width;
         }
         Ok(Encoder {
             conv_in,
             down_blocks,
-            mid_block: mid_block(vb.pp("mid_block"), widest, config.norm_num_groups)?,
-            conv_norm_out: nn::group_norm(
+            mid_block: MidBlock::new(vb.pp("mid_block"), widest, norm(config))?,
+            conv_norm_out: group_norm(
                 config.norm_num_groups,
                 widest,
                 NORM_EPS,
@@ -249,22 +233,22 @@ impl Encoder {
     }
 
     fn forward(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
-        let mut xs = self.conv_in.forward(pixels)?;
+        let mut xs = conv::forward(&self.conv_in, pixels)?;
         for block in &self.down_blocks {
             xs = block.forward(&xs)?;
         }
-        let xs = self.mid_block.forward(&xs, None)?;
-        let xs = nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
-        self.conv_out.forward(&xs)
+        let xs = self.mid_block.forward(&xs)?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
+        conv::forward(&self.conv_out, &xs)
     }
 }
 
 #[derive(Debug)]
 struct Decoder {
     conv_in: nn::Conv2d,
-    mid_block: UNetMidBlock2D,
-    up_blocks: Vec<UpDecoderBlock2D>,
-    conv_norm_out: nn::GroupNorm,
+    mid_block: MidBlock,
+    up_blocks: Vec<UpDecoderBlock>,
+    conv_norm_out: GroupNorm,
     conv_out: nn::Conv2d,
 }
 
@@ -281,26 +265,21 @@ impl Decoder {
         let mut previous = widest;
         // The decoder mirrors the encoder: widest block first, one more resnet per block.
         for (index, &width) in channels.iter().rev().enumerate() {
-            let cfg = UpDecoderBlock2DConfig {
-                num_layers: config.layers_per_block + 1,
-                resnet_eps: NORM_EPS,
-                resnet_groups: config.norm_num_groups,
-                add_upsample: index + 1 < channels.len(),
-                ..Default::default()
-            };
-            up_blocks.push(UpDecoderBlock2D::new(
+            up_blocks.push(UpDecoderBlock::new(
                 vb.pp("up_blocks").pp(index.to_string()),
+                config.layers_per_block + 1,
                 previous,
                 width,
-                cfg,
+                index + 1 < channels.len(),
+                norm(config),
             )?);
             previous = width;
         }
         Ok(Decoder {
             conv_in: conv3x3(in_channels, widest, vb.pp("conv_in"))?,
-            mid_block: mid_block(vb.pp("mid_block"), widest, config.norm_num_groups)?,
+            mid_block: MidBlock::new(vb.pp("mid_block"), widest, norm(config))?,
             up_blocks,
-            conv_norm_out: nn::group_norm(
+            conv_norm_out: group_norm(
                 config.norm_num_groups,
                 channels[0],
                 NORM_EPS,
@@ -313,11 +292,11 @@ impl Decoder {
     fn forward(&self, latents: &Tensor) -> candle_core::Result<Tensor> {
         let mut xs = self
             .mid_block
-            .forward(&self.conv_in.forward(latents)?, None)?;
+            .forward(&conv::forward(&self.conv_in, latents)?)?;
         for block in &self.up_blocks {
             xs = block.forward(&xs)?;
         }
-        let xs = nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
-        self.conv_out.forward(&xs)
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
+        conv::forward(&self.conv_out, &xs)
     }
 }

@@ -36,6 +36,7 @@ pub use conditioning::Conditioning;
 pub use denoise::{preview_steps, MAX_PARTIAL_IMAGES};
 pub use flux::MAX_SEQUENCE_LENGTH;
 pub use image_tasks::{first_step, flux_first_step};
+pub use latents::Autoencoder;
 pub use model_index::{ModelIndex, PipelineClass};
 pub use pipeline::{Family, Pipeline, StrengthRule};
 

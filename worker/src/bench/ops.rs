@@ -1,0 +1,147 @@
+//! `fastfusion-worker bench --mode ops`: single ops at the shapes a real model runs them, ours
+//! against candle's own ops in one process (no model is loaded; `--repeat` timed runs after one
+//! untimed): GroupNorm(32) + SiLU (`models::norm`) and 3×3 convolutions (`models::conv`) at SD
+//! 1.5's UNet widths for 256² and 512² pictures and the SD VAE decoder's levels at 512².
+
+use std::fmt;
+use std::time::Instant;
+
+use candle_core::{Device, Module, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig};
+
+use crate::error::Result;
+use crate::models::conv;
+use crate::models::norm::GroupNorm;
+
+/// (label, shape) of the inputs: UNet batch 2 (guidance), VAE decode batch 1.
+pub const SHAPES: &[(&str, [usize; 4])] = &[
+    ("unet 256² top level", [2, 320, 32, 32]),
+    ("unet 512² top level", [2, 320, 64, 64]),
+    ("unet 512² mid level", [2, 1280, 16, 16]),
+    ("vae 512² level 3", [1, 256, 256, 256]),
+    ("vae 512² level 4", [1, 128, 512, 512]),
+];
+
+/// Starts each result line, so a driving script can find them among other output.
+const MARKER: &str = "fastfusion-bench-ops";
+
+#[derive(Debug, Clone)]
+pub struct OpRow {
+    pub op: &'static str,
+    pub label: &'static str,
+    pub shape: [usize; 4],
+    pub ours_s: f64,
+    pub candle_s: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct OpsReport {
+    pub threads: usize,
+    pub repeat: usize,
+    pub rows: Vec<OpRow>,
+}
+
+impl fmt::Display for OpsReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "float32, CPU, {} threads, mean of {} timed runs (conv: 3x3, padding 1, c_out = c_in)",
+            self.threads, self.repeat
+        )?;
+        writeln!(
+            f,
+            "{:<16} {:<22} {:>20} {:>12} {:>12} {:>8}",
+            "op", "case", "shape", "ours ms", "candle ms", "speed-up"
+        )?;
+        for r in &self.rows {
+            writeln!(
+                f,
+                "{:<16} {:<22} {:>20} {:>12.2} {:>12.2} {:>7.1}x",
+                r.op,
+                r.label,
+                format!("{:?}", r.shape),
+                r.ours_s * 1e3,
+                r.candle_s * 1e3,
+                r.candle_s / r.ours_s
+            )?;
+        }
+        for r in &self.rows {
+            let [n, c, h, w] = r.shape;
+            writeln!(
+                f,
+                "{MARKER} op={} shape={n}x{c}x{h}x{w} ours_s={:.6} candle_s={:.6}",
+                r.op, r.ours_s, r.candle_s
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn mean_seconds(repeat: usize, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let started = Instant::now();
+    for _ in 0..repeat {
+        f()?;
+    }
+    Ok(started.elapsed().as_secs_f64() / repeat as f64)
+}
+
+pub fn run(repeat: usize) -> Result<OpsReport> {
+    let repeat = repeat.max(1);
+    let device = Device::Cpu;
+    let mut rows = Vec::new();
+    for &(label, shape) in SHAPES {
+        let channels = shape[1];
+        let x = Tensor::randn(0f32, 1.0, &shape[..], &device)?;
+        let weight = Tensor::randn(1f32, 0.1, channels, &device)?;
+        let bias = Tensor::randn(0f32, 0.1, channels, &device)?;
+        let ours = GroupNorm::new(weight.clone(), bias.clone(), 32, 1e-5)?;
+        let candle = candle_nn::GroupNorm::new(weight, bias, channels, 32, 1e-5)?;
+        let ours_s = mean_seconds(repeat, &mut || {
+            ours.forward_silu(&x)?;
+            Ok(())
+        })?;
+        let candle_s = mean_seconds(repeat, &mut || {
+            candle_nn::ops::silu(&candle.forward(&x)?)?;
+            Ok(())
+        })?;
+        rows.push(OpRow {
+            op: "group_norm_silu",
+            label,
+            shape,
+            ours_s,
+            candle_s,
+        });
+    }
+    for &(label, shape) in SHAPES {
+        let channels = shape[1];
+        let x = Tensor::randn(0f32, 1.0, &shape[..], &device)?;
+        let weight = Tensor::randn(0f32, 0.02, (channels, channels, 3, 3), &device)?;
+        let bias = Tensor::randn(0f32, 0.1, channels, &device)?;
+        let cfg = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let layer = Conv2d::new(weight, Some(bias), cfg);
+        let ours_s = mean_seconds(repeat, &mut || {
+            conv::forward(&layer, &x)?;
+            Ok(())
+        })?;
+        let candle_s = mean_seconds(repeat, &mut || {
+            layer.forward(&x)?;
+            Ok(())
+        })?;
+        rows.push(OpRow {
+            op: "conv3x3",
+            label,
+            shape,
+            ours_s,
+            candle_s,
+        });
+    }
+    Ok(OpsReport {
+        threads: candle_core::utils::get_num_threads(),
+        repeat,
+        rows,
+    })
+}
