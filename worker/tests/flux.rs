@@ -17,6 +17,7 @@ use fastfusion_proto::MaskMode;
 use fastfusion_worker::backend::Backend;
 use fastfusion_worker::error::WorkerError;
 use fastfusion_worker::inputs::{decode, load_image, load_mask, MAX_INPUT_PIXELS};
+use fastfusion_worker::lora::{AdapterFile, LoraWeight};
 use fastfusion_worker::models::flux::pack_latents;
 use fastfusion_worker::pipelines::{
     BatchEntry, Family, Input, LoadOptions, NoProgress, Pipeline, Progress, StrengthRule,
@@ -48,6 +49,9 @@ struct FluxCase {
     strength: Option<f64>,
     redux_image: Option<String>,
     redux_prompt: Option<String>,
+    /// Not in the manifest: a test sets it to run a case with adapters.
+    #[serde(skip)]
+    loras: Vec<LoraWeight>,
 }
 
 impl FluxCase {
@@ -68,7 +72,7 @@ impl FluxCase {
             guidance_scale: self.guidance_scale,
             scheduler: SchedulerKind::FlowMatchEuler,
             max_sequence_length: Some(self.max_sequence_length),
-            loras: Vec::new(),
+            loras: self.loras.clone(),
         }
     }
 
@@ -351,6 +355,45 @@ fn a_fill_transformer_beside_the_base_gives_the_fill_picture() -> TestResult {
     // Text-to-image still runs on the ordinary transformer.
     let t2i = combined.text_to_image(&request(32, 32), &mut NoProgress)?;
     assert_eq!(t2i.len(), 1);
+    Ok(())
+}
+
+/// A request's LoRA set reaches a Fill transformer beside the base as it reaches a Fill repo
+/// served alone: the same adapter on the same masked edit gives the same picture both ways, and
+/// one that differs from the plain edit (nothing is half-applied to the text encoders only).
+#[test]
+fn a_fill_transformer_beside_the_base_takes_the_requests_adapters() -> TestResult {
+    let adapter = || {
+        vec![AdapterFile::new(
+            "flux_style",
+            fixtures().join("loras/flux_style.safetensors"),
+        )]
+    };
+    let mut opts = options("tiny-flux-dev");
+    opts.fill_transformer = Some(model_dir("tiny-flux-fill"));
+    opts.loras = adapter();
+    let combined = Pipeline::load(&model_dir("tiny-flux-dev"), &opts)?;
+    let mut alone = options("tiny-flux-fill");
+    alone.loras = adapter();
+    let alone = Pipeline::load(&model_dir("tiny-flux-fill"), &alone)?;
+    let mut case = cases()?
+        .into_iter()
+        .find(|c| c.task == "fill")
+        .ok_or("no fill case")?;
+    let plain = case.run(&combined, &mut NoProgress)?;
+    case.loras = vec![LoraWeight {
+        name: "flux_style".into(),
+        weight: 1.0,
+    }];
+    let styled = case.run(&combined, &mut NoProgress)?;
+    let styled_alone = case.run(&alone, &mut NoProgress)?;
+    let same = max_diff(&styled[0], &styled_alone[0]);
+    assert!(same <= 1, "beside vs alone: max diff {same}/255");
+    let changed = max_diff(&styled[0], &plain[0]);
+    assert!(
+        changed >= 8,
+        "the adapter changed the Fill edit by only {changed}/255"
+    );
     Ok(())
 }
 

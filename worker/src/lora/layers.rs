@@ -15,7 +15,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
 
 use super::bank::{ActiveWeights, ComponentLoras};
-use super::names::Slice;
+use super::names::{Naming, Slice};
 
 /// One adapter's low-rank path through one layer.
 #[derive(Debug, Clone)]
@@ -173,7 +173,7 @@ fn take_parts(
             .candidates(loras.target(), path, in_dim, out_dim)
         {
             for (adapter, entry) in loras.entries(&key) {
-                let down = entry.down.clone();
+                let down = widen_flux_input(&loras, path, entry.down.clone(), in_dim, kernel)?;
                 let up = slice.apply(&entry.up).map_err(|e| {
                     entry.error(&format!("does not fit {path} ({in_dim} → {out_dim}): {e}"))
                 })?;
@@ -189,6 +189,30 @@ fn take_parts(
         }
         Ok(parts)
     })
+}
+
+/// A FLUX Fill transformer's `x_embedder` reads the noisy latents' 64 packed channels first, then
+/// the masked picture's and the mask's: an ordinary FLUX LoRA's `x_embedder` down matrix (rank ×
+/// 64) is widened with zero columns, so it acts on the latents alone, as diffusers'
+/// `_maybe_expand_lora_state_dict` does when it loads such a LoRA into FluxFillPipeline.
+fn widen_flux_input(
+    loras: &ComponentLoras,
+    path: &str,
+    down: Tensor,
+    in_dim: usize,
+    kernel: Option<(usize, Conv2dConfig)>,
+) -> candle_core::Result<Tensor> {
+    match down.dims() {
+        &[_, narrower]
+            if kernel.is_none()
+                && loras.naming() == Naming::Flux
+                && path == "x_embedder"
+                && narrower < in_dim =>
+        {
+            down.pad_with_zeros(1, 0, in_dim - narrower)
+        }
+        _ => Ok(down),
+    }
 }
 
 /// Checks the shapes of `down` (rank × in [× kh × kw]) and `up` (out × rank [× 1 × 1]) against

@@ -256,13 +256,6 @@ impl Pipeline {
                 strength,
             } => self.prepare_inpaint(req, image, mask, strength, scheduler, rng)?,
         };
-        if plan.fill && !req.loras.is_empty() {
-            return Err(WorkerError::invalid(
-                "lora_settings",
-                "LoRAs are not applied to the separate Fill transformer masked edits run on; \
-                 send this edit without lora_settings",
-            ));
-        }
         let steps = plan.scheduler.timesteps().len().saturating_sub(plan.start);
         let wanted = entry.progress.partial_images().min(MAX_PARTIAL_IMAGES);
         Ok(Running {

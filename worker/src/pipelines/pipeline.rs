@@ -175,6 +175,7 @@ impl Pipeline {
                 fill_dir,
                 &parts,
                 &vae,
+                &loras,
                 precision,
                 device,
                 offload.as_ref(),
@@ -727,7 +728,8 @@ fn load_flux(
 }
 
 /// `dir/transformer/` as an offloadable component, with its config; `loras` reach it when given
-/// (not for a Fill transformer beside the base).
+/// (the base's transformer and a Fill transformer beside it share the adapters and their weights,
+/// so a request's set applies to whichever runs it).
 fn load_flux_transformer(
     source: &str,
     dir: &Path,
@@ -802,6 +804,7 @@ fn load_fill_beside(
     fill_dir: &Path,
     parts: &Parts,
     vae: &Autoencoder,
+    loras: &LoraBank,
     precision: Precision,
     device: &Device,
     offload: Option<&Arc<Offload>>,
@@ -832,8 +835,14 @@ fn load_fill_beside(
             ));
         }
     }
-    let (transformer, config) =
-        load_flux_transformer(&fill_source, fill_dir, precision, device, offload, None)?;
+    let (transformer, config) = load_flux_transformer(
+        &fill_source,
+        fill_dir,
+        precision,
+        device,
+        offload,
+        Some(loras),
+    )?;
     config.require(
         &FluxVariant::Fill,
         vae.latent_channels(),
