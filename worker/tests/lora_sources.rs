@@ -46,10 +46,13 @@ fn error(entries: &[LoraConfig], cache: &Path, limit: u64) -> String {
     }
 }
 
-/// Serves `/adapter.safetensors` (the fixture), `/page` (HTML), `/broken` (500) and counts hits.
+/// Serves `/adapter.safetensors` (the fixture), `/flaky.safetensors` (the fixture, broken off
+/// the first time), `/page` (HTML), `/broken` (500); counts hits and records Range headers.
 struct Server {
     base: String,
     hits: Arc<AtomicUsize>,
+    /// The Range header of each `/flaky` request ("" for none).
+    ranges: Arc<std::sync::Mutex<Vec<String>>>,
     _runtime: tokio::runtime::Runtime,
 }
 
@@ -58,7 +61,64 @@ fn serve() -> Result<Server, Box<dyn std::error::Error>> {
     let bytes = std::fs::read(fixture_adapter())?;
     let hits = Arc::new(AtomicUsize::new(0));
     let counted = hits.clone();
+    // /flaky: the first answer breaks off halfway through the body; later ones honour a Range.
+    let flaky_bytes = bytes.clone();
+    let ranges = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = ranges.clone();
     let app = axum::Router::new()
+        .route(
+            "/flaky.safetensors",
+            get(move |headers: axum::http::HeaderMap| {
+                let bytes = flaky_bytes.clone();
+                let seen = seen.clone();
+                async move {
+                    let range = headers
+                        .get(header::RANGE)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string);
+                    let from = range
+                        .as_deref()
+                        .and_then(|r| r.strip_prefix("bytes="))
+                        .and_then(|r| r.strip_suffix('-'))
+                        .and_then(|r| r.parse::<usize>().ok());
+                    let first = {
+                        let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+                        seen.push(range.clone().unwrap_or_default());
+                        seen.len() == 1
+                    };
+                    if first {
+                        let half = bytes[..bytes.len() / 2].to_vec();
+                        // The half goes out first; the error a moment later cuts the connection.
+                        let broken = futures::StreamExt::chain(
+                            futures::stream::iter(vec![Ok(axum::body::Bytes::from(half))]),
+                            futures::stream::once(async {
+                                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                                Err::<axum::body::Bytes, _>(std::io::Error::other(
+                                    "connection lost",
+                                ))
+                            }),
+                        );
+                        return (
+                            [(header::CONTENT_LENGTH, bytes.len().to_string())],
+                            axum::body::Body::from_stream(broken),
+                        )
+                            .into_response();
+                    }
+                    match from {
+                        Some(from) if from < bytes.len() => (
+                            StatusCode::PARTIAL_CONTENT,
+                            [(
+                                header::CONTENT_RANGE,
+                                format!("bytes {from}-{}/{}", bytes.len() - 1, bytes.len()),
+                            )],
+                            bytes[from..].to_vec(),
+                        )
+                            .into_response(),
+                        _ => bytes.into_response(),
+                    }
+                }
+            }),
+        )
         .route(
             "/adapter.safetensors",
             get(move || {
@@ -88,8 +148,38 @@ fn serve() -> Result<Server, Box<dyn std::error::Error>> {
     Ok(Server {
         base,
         hits,
+        ranges,
         _runtime: runtime,
     })
+}
+
+/// A download that breaks off is retried from where it stopped (a `Range` request), and the
+/// pieces make the whole file.
+#[test]
+fn a_broken_download_resumes_where_it_stopped() -> TestResult {
+    let server = serve()?;
+    let cache = tempfile::tempdir()?;
+    let want = std::fs::read(fixture_adapter())?;
+    let e = entry(
+        LoraSource::Url,
+        &format!("{}/flaky.safetensors", server.base),
+    );
+    let files = resolve_with(&[e], &settings(cache.path()), MAX_DOWNLOAD_BYTES)?;
+    assert_eq!(std::fs::read(&files[0].path)?, want);
+    let ranges = server.ranges.lock().map_err(|_| "poisoned")?.clone();
+    assert_eq!(ranges.len(), 2, "{ranges:?}");
+    assert_eq!(ranges[0], "", "the first request asks for everything");
+    let resumed_at: usize = ranges[1]
+        .strip_prefix("bytes=")
+        .and_then(|r| r.strip_suffix('-'))
+        .ok_or("no Range on the retry")?
+        .parse()?;
+    assert!(
+        resumed_at > 0 && resumed_at <= want.len() / 2,
+        "resumed at {resumed_at} of {}",
+        want.len()
+    );
+    Ok(())
 }
 
 #[test]
