@@ -347,6 +347,12 @@ impl Gateway {
         Self::start_in(config_dir, &path)
     }
 
+    /// Starts the gateway on an existing config file (the repository's own `model_config.json`,
+    /// as the README's run command serves it).
+    pub fn start_on_file(config: &Path) -> Result<Gateway> {
+        Self::start_in(tempfile::tempdir()?, config)
+    }
+
     fn start_in(config_dir: tempfile::TempDir, config: &Path) -> Result<Gateway> {
         let data_dir = tempfile::tempdir()?;
         let config = config.display().to_string();
