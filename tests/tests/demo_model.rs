@@ -75,6 +75,7 @@ fn all_pixels(image: &RgbImage) -> Vec<[u8; 3]> {
 const SEEDS: [u64; 2] = [1, 2];
 
 /// (prompt, shape colour, background colour, small?)
+#[rustfmt::skip]
 const PROMPTS: [(&str, &str, &str, bool); 8] = [
     ("a small red circle on a blue background", "red", "blue", true),
     ("a small yellow square on a black background", "yellow", "black", true),
@@ -104,7 +105,11 @@ fn demo_model_draws_the_colours_sizes_and_backgrounds_the_prompt_says() -> Resul
     for (prompt, colour, background, is_small) in PROMPTS {
         for seed in SEEDS {
             let image = draw(&mut gw, prompt, seed)?;
-            assert_eq!(image.dimensions(), (64, 64), "size auto is the native 64×64");
+            assert_eq!(
+                image.dimensions(),
+                (64, 64),
+                "size auto is the native 64×64"
+            );
             // The border is the named background…
             let (got, part) = dominant(&border(&image, 4));
             assert!(
