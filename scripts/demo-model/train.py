@@ -637,6 +637,10 @@ def main():
     # scheduler as meant.
     sampling_scheduler(args).save_pretrained(args.out / "scheduler")
     fx.write_json(args.out / "tokenizer" / "special_tokens_map.json", fx.special_tokens_map(fx.EOS))
+    # torch saves safetensors owner-only (0600); the images copy the model in and run it as another user.
+    for path in args.out.rglob("*"):
+        if path.is_file():
+            path.chmod(0o644)
 
     clock.start()
     loaded = StableDiffusionPipeline.from_pretrained(args.out, dtype=torch.float32)
