@@ -71,7 +71,11 @@ pub fn conv3x3(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Te
         };
         images.push(out.reshape((c_out, h, w))?);
     }
-    let out = Tensor::stack(&images, 0)?;
+    // One image (the VAE, or a UNet without guidance) needs no stacking copy.
+    let out = match images.as_slice() {
+        [one] => one.unsqueeze(0)?,
+        _ => Tensor::stack(&images, 0)?,
+    };
     match bias {
         Some(bias) => out.broadcast_add(&bias.reshape((1, c_out, 1, 1))?),
         None => Ok(out),

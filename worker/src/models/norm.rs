@@ -18,8 +18,8 @@ use fastfusion_kernels::GroupNormSpec;
 /// A GroupNorm layer (diffusers' `nn.GroupNorm` with affine weights).
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
-    weight: Tensor,
-    bias: Tensor,
+    /// candle's layer, for devices and dtypes the fused op does not take.
+    candle: candle_nn::GroupNorm,
     groups: usize,
     channels: usize,
     eps: f64,
@@ -47,8 +47,7 @@ impl GroupNorm {
             None
         };
         Ok(Self {
-            weight,
-            bias,
+            candle: candle_nn::GroupNorm::new(weight, bias, channels, groups, eps)?,
             groups,
             channels,
             eps,
@@ -81,7 +80,7 @@ impl GroupNorm {
                 x.contiguous()?.apply_op1_no_bwd(&op)
             }
             _ => {
-                let y = self.unfused(x)?;
+                let y = self.candle.forward(x)?;
                 if silu {
                     candle_nn::ops::silu(&y)
                 } else {
@@ -89,30 +88,6 @@ impl GroupNorm {
                 }
             }
         }
-    }
-
-    /// candle's GroupNorm computation (in float32 for half-precision inputs).
-    fn unfused(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let per_group = x.elem_count() / (dims[0] * self.groups);
-        let dtype = x.dtype();
-        let internal = match dtype {
-            DType::F16 | DType::BF16 => DType::F32,
-            d => d,
-        };
-        let xs = x
-            .reshape((dims[0], self.groups, per_group))?
-            .to_dtype(internal)?;
-        let mean = (xs.sum_keepdim(2)? / per_group as f64)?;
-        let xs = xs.broadcast_sub(&mean)?;
-        let var = (xs.sqr()?.sum_keepdim(2)? / per_group as f64)?;
-        let xs = xs.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        let mut affine = vec![1; dims.len()];
-        affine[1] = self.channels;
-        xs.to_dtype(dtype)?
-            .reshape(dims)?
-            .broadcast_mul(&self.weight.reshape(affine.clone())?)?
-            .broadcast_add(&self.bias.reshape(affine)?)
     }
 }
 
