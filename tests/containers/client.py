@@ -2,7 +2,8 @@
 
   client.py url BASE        one generation, response_format url, the url fetched through the gateway
   client.py burst BASE N    N concurrent generations; every one must succeed
-  client.py slow BASE       one longer generation (16 steps), for the drain check
+  client.py slow BASE       one longer generation (256x256, 50 steps: seconds even on the small demo
+                            model), for the drain check
 Exits non-zero with the reason on any failure.
 """
 
@@ -59,7 +60,7 @@ def main():
             done = list(pool.map(lambda _: generate(base), range(n)))
         print(f"burst: {len(done)} of {n} requests succeeded")
     elif mode == "slow":
-        print(f"slow: {generate(base, num_inference_steps=16)} images")
+        print(f"slow: {generate(base, size='256x256', num_inference_steps=50)} images")
     else:
         raise SystemExit(f"unknown mode {mode}")
 
