@@ -2,8 +2,8 @@
 //! embedded worker on the repository's own `model_config.json`, driven over HTTP. Its pictures
 //! must follow their prompts: the named background all round, a shape of the named colour inside
 //! it, small shapes far smaller than medium ones (no size named), shapes without a named position
-//! in the middle, and swapping two colours swaps the picture. Named positions are not checked: the
-//! model follows them only sometimes (its card says so).
+//! in the middle, shapes with a named position in that part of the picture, and swapping two
+//! colours swaps the picture.
 
 use anyhow::{Context, Result};
 use fastfusion_tests::{repo_root, Gateway};
@@ -170,5 +170,62 @@ fn demo_model_draws_the_colours_sizes_and_backgrounds_the_prompt_says() -> Resul
         mean_diff > 60.0,
         "the two prompts differ by only {mean_diff:.1} per channel on average"
     );
+    Ok(())
+}
+
+/// (prompt, shape colour, column, row): the named place in a 3×3 grid (0 = left / top).
+#[rustfmt::skip]
+const PLACED: [(&str, &str, u32, u32); 10] = [
+    ("a small red circle on a blue background, top left", "red", 0, 0),
+    ("a small yellow square on a black background, top", "yellow", 1, 0),
+    ("a small white triangle on a green background, top right", "white", 2, 0),
+    ("a small blue diamond on an orange background, left", "blue", 0, 1),
+    ("a small green circle on a purple background, right", "green", 2, 1),
+    ("a small orange square on a blue background, bottom left", "orange", 0, 2),
+    ("a small black triangle on a yellow background, bottom", "black", 1, 2),
+    ("a small purple diamond on a white background, bottom right", "purple", 2, 2),
+    ("a medium red square on a green background, left", "red", 0, 1),
+    ("a medium yellow circle on a purple background, bottom", "yellow", 1, 2),
+];
+
+#[test]
+fn demo_model_puts_the_shape_where_the_prompt_says() -> Result<()> {
+    let mut gw = Gateway::start_on_file(&repo_root().join("model_config.json"))?;
+    for (prompt, colour, column, row) in PLACED {
+        for seed in SEEDS {
+            let image = draw(&mut gw, prompt, seed)?;
+            let third = image.width() as f64 / 3.0;
+            let cell =
+                |x: u32, y: u32| ((f64::from(x) / third) as u32, (f64::from(y) / third) as u32);
+            let shape: Vec<(u32, u32)> = image
+                .enumerate_pixels()
+                .filter(|(_, _, p)| nearest(p.0) == colour)
+                .map(|(x, y, _)| (x, y))
+                .collect();
+            assert!(
+                shape.len() >= 25,
+                "{prompt} (seed {seed}): only {} pixels are {colour}",
+                shape.len()
+            );
+            // The shape's centre lies in the named ninth of the picture, and so does most of a
+            // small shape (a medium one, half the width, spills over into the next ninths).
+            let n = shape.len() as f64;
+            let cx = shape.iter().map(|p| f64::from(p.0)).sum::<f64>() / n;
+            let cy = shape.iter().map(|p| f64::from(p.1)).sum::<f64>() / n;
+            let inside = shape
+                .iter()
+                .filter(|p| cell(p.0, p.1) == (column, row))
+                .count() as f64
+                / n;
+            assert!(
+                ((cx / third) as u32, (cy / third) as u32) == (column, row),
+                "{prompt} (seed {seed}): the {colour} shape is centred at ({cx:.0}, {cy:.0})"
+            );
+            assert!(
+                inside >= 0.5 || !prompt.contains("small"),
+                "{prompt} (seed {seed}): only {inside:.2} of the {colour} pixels are in the named place"
+            );
+        }
+    }
     Ok(())
 }
