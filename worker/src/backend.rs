@@ -42,6 +42,10 @@ pub struct ModelDescription {
     pub strength_rule: StrengthRule,
     /// Variations run through a FLUX Redux prior.
     pub redux: bool,
+    /// A guidance scale above 1 means classifier-free guidance, which doubles the denoiser's rows
+    /// (SD, SDXL); false where the scale is an input of the model instead (FLUX), so requests
+    /// with any scales can share a batch.
+    pub classifier_free_guidance: bool,
 }
 
 impl ModelDescription {
@@ -143,6 +147,7 @@ impl Backend for Pipeline {
             },
             strength_rule: self.strength_rule(),
             redux: self.has_redux(),
+            classifier_free_guidance: self.runs_classifier_free_guidance(),
         }
     }
 

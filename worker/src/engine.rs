@@ -13,8 +13,8 @@
 //!   the model first (the engine is [`EngineState::Loading`] meanwhile), then takes one batch at a
 //!   time.
 //! * Dynamic batching: when the model thread asks for work, the actor gives it the oldest job plus
-//!   every later queued job with the same [`BatchKey`] (task, size, steps, scheduler, guidance on
-//!   or off, strength, LoRA set) while the images fit in `max_batch` (a job of n images takes n; a job
+//!   every later queued job with the same [`BatchKey`] (task, size, steps, scheduler, classifier-
+//!   free guidance on or off where the model runs it, strength, LoRA set) while the images fit in `max_batch` (a job of n images takes n; a job
 //!   larger than that runs alone). A batch that is not full waits for compatible jobs until
 //!   `batch_window` after its oldest job arrived (0: never waits; a draining engine never waits).
 //!   A job skipped because it does not fit goes first in the next batch, so it is overtaken at
@@ -87,8 +87,9 @@ pub struct JobSpec {
 }
 
 impl JobSpec {
-    /// What a job must share with others to run in one batch.
-    fn batch_key(&self) -> BatchKey {
+    /// What a job must share with others to run in one batch; `cfg`: the model runs
+    /// classifier-free guidance for scales above 1 ([`ModelDescription::classifier_free_guidance`]).
+    fn batch_key(&self, cfg: bool) -> BatchKey {
         let g = &self.generation;
         let (task, strength) = match &self.task {
             JobTask::TextToImage => (0, None),
@@ -102,7 +103,7 @@ impl JobSpec {
             height: g.height,
             steps: g.steps,
             scheduler: g.scheduler,
-            guidance: g.guidance_scale > 1.0,
+            guidance: cfg && g.guidance_scale > 1.0,
             strength,
             max_sequence_length: g.max_sequence_length,
             loras: g.loras.clone(),
@@ -574,8 +575,12 @@ async fn run_queue(
         if idle_runner.is_some() {
             queue.retain(|j| !j.events.is_closed());
             // No job can join while draining, so a batch waits only while accepting.
-            let accepting = matches!(&*state.borrow(), EngineState::Ready(_));
-            match next_batch(&mut queue, &options, accepting) {
+            let (accepting, cfg) = match &*state.borrow() {
+                EngineState::Ready(d) => (true, d.classifier_free_guidance),
+                EngineState::Draining(d) => (false, d.classifier_free_guidance),
+                EngineState::Loading | EngineState::Failed(_) => (false, true),
+            };
+            match next_batch(&mut queue, &options, accepting, cfg) {
                 Err(wait_until) => deadline = wait_until,
                 Ok(batch) => {
                     if let Some(runner) = idle_runner.take() {
@@ -610,19 +615,21 @@ async fn run_queue(
 
 /// Takes the next batch out of `queue`: the oldest job, then every later job with its key while
 /// the images fit in `max_batch`. `Err` when there is nothing to run yet: `None` for an empty
-/// queue, else the moment the batch, not full, stops waiting for more jobs.
+/// queue, else the moment the batch, not full, stops waiting for more jobs. `cfg`: see
+/// [`JobSpec::batch_key`].
 fn next_batch(
     queue: &mut VecDeque<Job>,
     options: &EngineOptions,
     accepting: bool,
+    cfg: bool,
 ) -> Result<Vec<Job>, Option<Instant>> {
     let head = queue.front().ok_or(None)?;
-    let key = head.spec.batch_key();
+    let key = head.spec.batch_key(cfg);
     let mut members = vec![0];
     let mut images = head.spec.generation.n;
     for (i, job) in queue.iter().enumerate().skip(1) {
         let n = job.spec.generation.n;
-        if images + n <= options.max_batch && job.spec.batch_key() == key {
+        if images + n <= options.max_batch && job.spec.batch_key(cfg) == key {
             members.push(i);
             images += n;
         }

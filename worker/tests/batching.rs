@@ -29,6 +29,8 @@ use tonic::Streaming;
 /// Sleeps per step for the whole batch and records the prompts of every batch it runs.
 struct Batcher {
     step_time: Duration,
+    /// What the description says of guidance: SD's classifier-free guidance, or FLUX's embedded scale.
+    cfg: bool,
     batches: Arc<Mutex<Vec<Vec<String>>>>,
 }
 
@@ -46,6 +48,7 @@ impl Backend for Batcher {
             image_seq_multiple: 0,
             strength_rule: StrengthRule::Discrete,
             redux: false,
+            classifier_free_guidance: self.cfg,
         }
     }
 
@@ -126,6 +129,10 @@ struct Harness {
 }
 
 async fn start(max_batch: usize, window: Duration, step_time: Duration) -> Harness {
+    start_on(max_batch, window, step_time, true).await
+}
+
+async fn start_on(max_batch: usize, window: Duration, step_time: Duration, cfg: bool) -> Harness {
     metrics_text();
     let mut config = ModelConfig::for_model("batcher");
     config.pipeline.max_n = 4;
@@ -136,6 +143,7 @@ async fn start(max_batch: usize, window: Duration, step_time: Duration) -> Harne
     let batches = Arc::new(Mutex::new(Vec::new()));
     let backend = Batcher {
         step_time,
+        cfg,
         batches: batches.clone(),
     };
     let options = EngineOptions {
@@ -287,6 +295,32 @@ async fn compatible_requests_share_a_batch_up_to_max_batch_images() {
     // The others wait for companions (the window is long); cancelled while queued, they never run.
     drop((c, d, e));
     assert_eq!(batches(&h).len(), 1, "cancelled while queued, never run");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn where_the_model_embeds_the_guidance_scale_any_scales_share_a_batch() {
+    // A FLUX-like model: the scale is an input per row, nothing doubles.
+    let mut h = start_on(2, Duration::from_secs(5), Duration::from_millis(5), false).await;
+    let a = submit(&mut h, request("a")).await;
+    let e = submit(
+        &mut h,
+        GenerateRequest {
+            guidance_scale: Some(1.0),
+            ..request("e")
+        },
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let (a, e) = (events(a).await, events(e).await);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "a full batch does not wait"
+    );
+    for done in [&a, &e] {
+        assert!(matches!(done.last(), Some(Event::Done(_))), "{done:?}");
+        assert_eq!(batch_size(done), Some(2));
+    }
+    assert_eq!(batches(&h), [["a", "e"]]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

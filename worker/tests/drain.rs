@@ -49,6 +49,7 @@ impl Backend for Slow {
             image_seq_multiple: 0,
             strength_rule: StrengthRule::Discrete,
             redux: false,
+            classifier_free_guidance: true,
         }
     }
 

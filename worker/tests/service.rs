@@ -63,6 +63,7 @@ impl Backend for Scripted {
             image_seq_multiple: 0,
             strength_rule: StrengthRule::Discrete,
             redux: false,
+            classifier_free_guidance: true,
         }
     }
 

@@ -279,6 +279,15 @@ impl Pipeline {
         self.redux.is_some()
     }
 
+    /// True when a guidance scale above 1 runs classifier-free guidance (a second, unconditional
+    /// row per image); FLUX embeds the scale in the transformer's input instead.
+    pub fn runs_classifier_free_guidance(&self) -> bool {
+        match &self.text {
+            TextEncoders::Sd(_) | TextEncoders::Sdxl(_) => true,
+            TextEncoders::Flux(_) => false,
+        }
+    }
+
     /// True when a Fill transformer beside the ordinary one runs the masked edits.
     pub fn has_fill(&self) -> bool {
         self.fill.is_some()
