@@ -1,8 +1,9 @@
 //! CPU kernels on plain `f32` slices for the worker's hot paths, where candle's generic ops
 //! cost many memory passes (../shared/PERF-NOTES.md §2). The worker wraps them in candle custom
-//! ops (`fastfusion_worker::models::norm`). This crate is built with optimisations even in
-//! debug and test builds (the workspace's `profile.dev.package.fastfusion-kernels`), since its
-//! loops are only fast once vectorised. Safe Rust only.
+//! ops (`fastfusion_worker::models::{norm, conv, softmax}`). This crate is built with
+//! optimisations even in debug and test builds (the workspace's
+//! `profile.dev.package.fastfusion-kernels`), since its loops are only fast once vectorised.
+//! Safe Rust only.
 
 use rayon::prelude::*;
 
@@ -115,6 +116,31 @@ pub fn im2col_3x3(
     });
 }
 
+/// Writes a (c_out, len) tile of output pixels `first..first + len` into its place in one
+/// image's (c_out, pixels) NCHW output, adding `bias[c]` to channel c; parallel over channels.
+/// Panics on sizes that do not match (callers derive them from one shape).
+pub fn place_tile(
+    tile: &[f32],
+    out: &mut [f32],
+    pixels: usize,
+    first: usize,
+    bias: Option<&[f32]>,
+) {
+    let c_out = out.len() / pixels.max(1);
+    let len = tile.len() / c_out.max(1);
+    assert!(tile.len() == c_out * len && first + len <= pixels);
+    assert!(bias.is_none_or(|b| b.len() == c_out));
+    out.par_chunks_mut(pixels)
+        .zip(tile.par_chunks(len.max(1)))
+        .enumerate()
+        .for_each(|(c, (out, tile))| {
+            let shift = bias.map_or(0.0, |b| b[c]);
+            for (o, t) in out[first..first + len].iter_mut().zip(tile) {
+                *o = t + shift;
+            }
+        });
+}
+
 const LANES: usize = 8;
 
 /// Mean and (biased) variance, accumulated in float64 over independent lanes so that the loops
@@ -151,6 +177,55 @@ pub fn affine_silu(src: &[f32], dst: &mut [f32], mean: f32, scale: f32, shift: f
     for (d, s) in dst.iter_mut().zip(src) {
         let y = (s - mean) * scale + shift;
         *d = y / (1.0 + exp(-y));
+    }
+}
+
+/// Each `row`-long row of `xs` becomes `softmax(scale · row)`, in place; parallel over rows.
+/// Three passes per row (max, exp and sum, normalise) instead of candle's separate scale pass,
+/// max, subtract, libm `exp`, sum and divide. Panics if `xs` is not whole rows.
+pub fn softmax_rows(xs: &mut [f32], row: usize, scale: f32) {
+    if row == 0 {
+        return;
+    }
+    assert!(xs.len().is_multiple_of(row));
+    // Several short rows per task, so rayon's per-task cost stays small next to the work.
+    let rows_per_task = (16_384 / row).max(1);
+    xs.par_chunks_mut(row * rows_per_task).for_each(|rows| {
+        for r in rows.chunks_exact_mut(row) {
+            softmax_row(r, scale);
+        }
+    });
+}
+
+fn softmax_row(r: &mut [f32], scale: f32) {
+    // The largest scaled value: subtracting it keeps every exponent ≤ 0 (no overflow).
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = r.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (l, v) in lanes.iter_mut().zip(chunk) {
+            *l = l.max(v * scale);
+        }
+    }
+    let max = chunks.remainder().iter().fold(
+        lanes.iter().fold(f32::NEG_INFINITY, |a, b| a.max(*b)),
+        |a, v| a.max(v * scale),
+    );
+    let mut lanes = [0f32; LANES];
+    let mut chunks = r.chunks_exact_mut(LANES);
+    for chunk in &mut chunks {
+        for (l, v) in lanes.iter_mut().zip(chunk) {
+            *v = exp(*v * scale - max);
+            *l += *v;
+        }
+    }
+    let mut tail = 0f32;
+    for v in chunks.into_remainder() {
+        *v = exp(*v * scale - max);
+        tail += *v;
+    }
+    let inv = 1.0 / (lanes.iter().sum::<f32>() + tail);
+    for v in r.iter_mut() {
+        *v *= inv;
     }
 }
 
@@ -254,6 +329,48 @@ mod tests {
                         }
                     }
                     assert_eq!(direct, product, "tile {first}+{len}, out {o}, pixel {p}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn place_tile_writes_its_pixels_of_every_channel_with_the_bias() {
+        // 2 channels of 5 pixels; a tile of pixels 1..4.
+        let mut out = [9f32; 10];
+        let tile = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        place_tile(&tile, &mut out, 5, 1, Some(&[0.5, -1.0]));
+        assert_eq!(out, [9.0, 1.5, 2.5, 3.5, 9.0, 9.0, 3.0, 4.0, 5.0, 9.0]);
+        place_tile(&tile[..2], &mut out, 5, 4, None);
+        assert_eq!((out[4], out[9]), (1.0, 2.0));
+    }
+
+    #[test]
+    fn softmax_rows_match_the_float64_softmax() {
+        // Rows of several lengths (shorter than, equal to and longer than the lanes, with a
+        // tail), large logits that would overflow a naive exp, and a negative scale.
+        for (row, scale) in [(3, 1.0), (8, 0.5), (77, 0.125), (1030, -0.3)] {
+            let rows = 5;
+            let xs: Vec<f32> = (0..rows * row)
+                .map(|i| {
+                    ((i * 7919) % 1000) as f32 / 10.0 - 50.0 + if i % 13 == 0 { 300.0 } else { 0.0 }
+                })
+                .collect();
+            let mut got = xs.clone();
+            softmax_rows(&mut got, row, scale);
+            for (r, (got, xs)) in got.chunks(row).zip(xs.chunks(row)).enumerate() {
+                let scaled: Vec<f64> = xs
+                    .iter()
+                    .map(|v| f64::from(*v) * f64::from(scale))
+                    .collect();
+                let max = scaled.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let sum: f64 = scaled.iter().map(|v| (v - max).exp()).sum();
+                for (j, (g, v)) in got.iter().zip(&scaled).enumerate() {
+                    let want = (v - max).exp() / sum;
+                    assert!(
+                        (f64::from(*g) - want).abs() <= 4e-6 * want + 1e-37,
+                        "row {row}, scale {scale}, [{r}][{j}]: {g} vs {want}"
+                    );
                 }
             }
         }

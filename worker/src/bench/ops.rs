@@ -1,7 +1,8 @@
 //! `fastfusion-worker bench --mode ops`: single ops at the shapes a real model runs them, ours
 //! against candle's own ops in one process (no model is loaded; `--repeat` timed runs after one
 //! untimed): GroupNorm(32) + SiLU (`models::norm`) and 3×3 convolutions (`models::conv`) at SD
-//! 1.5's UNet widths for 256² and 512² pictures and the SD VAE decoder's levels at 512².
+//! 1.5's UNet widths for 256² and 512² pictures and the SD VAE decoder's levels at 512², and
+//! attention's scaled softmax (`models::softmax`) on the score blocks SD 1.5 and FLUX build.
 
 use std::fmt;
 use std::time::Instant;
@@ -12,6 +13,7 @@ use candle_nn::{Conv2d, Conv2dConfig};
 use crate::error::Result;
 use crate::models::conv;
 use crate::models::norm::GroupNorm;
+use crate::models::softmax::scaled_softmax_last_dim;
 
 /// (label, shape) of the inputs: UNet batch 2 (guidance), VAE decode batch 1.
 pub const SHAPES: &[(&str, [usize; 4])] = &[
@@ -20,6 +22,15 @@ pub const SHAPES: &[(&str, [usize; 4])] = &[
     ("unet 512² mid level", [2, 1280, 16, 16]),
     ("vae 512² level 3", [1, 256, 256, 256]),
     ("vae 512² level 4", [1, 128, 512, 512]),
+];
+
+/// (label, [batch, heads, query rows, keys]) of one attention score block (at most 64 MiB, as
+/// the models block them): SD 1.5's top-level self-attention (8 heads) with guidance, FLUX's
+/// joint attention (24 heads, 512 text tokens) without.
+pub const SCORE_SHAPES: &[(&str, [usize; 4])] = &[
+    ("unet 256² self-attn", [2, 8, 1024, 1024]),
+    ("unet 512² self-attn", [2, 8, 256, 4096]),
+    ("flux 512² joint attn", [1, 24, 455, 1536]),
 ];
 
 /// Starts each result line, so a driving script can find them among other output.
@@ -45,7 +56,8 @@ impl fmt::Display for OpsReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "float32, CPU, {} threads, mean of {} timed runs (conv: 3x3, padding 1, c_out = c_in)",
+            "float32, CPU, {} threads, mean of {} timed runs (conv: 3x3, padding 1, c_out = c_in; \
+             softmax shapes: batch, heads, query rows, keys)",
             self.threads, self.repeat
         )?;
         writeln!(
@@ -133,6 +145,27 @@ pub fn run(repeat: usize) -> Result<OpsReport> {
         })?;
         rows.push(OpRow {
             op: "conv3x3",
+            label,
+            shape,
+            ours_s,
+            candle_s,
+        });
+    }
+    for &(label, shape) in SCORE_SHAPES {
+        let scores = Tensor::randn(0f32, 4.0, &shape[..], &device)?;
+        let scale = 1.0 / 40f64.sqrt();
+        // Ours works in place, so it runs again and again on the same block (the values stay
+        // finite; the speed does not depend on them). candle's allocates its two results.
+        let ours_s = mean_seconds(repeat, &mut || {
+            scaled_softmax_last_dim(scores.clone(), scale)?;
+            Ok(())
+        })?;
+        let candle_s = mean_seconds(repeat, &mut || {
+            candle_nn::ops::softmax_last_dim(&(&scores * scale)?)?;
+            Ok(())
+        })?;
+        rows.push(OpRow {
+            op: "scaled_softmax",
             label,
             shape,
             ours_s,

@@ -5,10 +5,12 @@
 //! call and builds 512-pixel column blocks with strided writes (../shared/PERF-NOTES.md §1-2: 2-2.5×
 //! torch at the VAE's and UNet's large levels). Here the weight tensor is used as it is laid out
 //! (c_out × c_in·9), each tile of output pixels gets its column block from
-//! `fastfusion_kernels::im2col_3x3` (parallel, contiguous runs) and one gemm gives that tile of
-//! the output directly in NCHW order. Other shapes, devices and dtypes take candle's conv2d.
+//! `fastfusion_kernels::im2col_3x3` (parallel, contiguous runs) and one gemm (candle's CPU
+//! matmul) gives that tile of the output, which is written into its place in the NCHW output
+//! with the bias added. Other shapes, devices and dtypes take candle's conv2d.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::Conv2d;
 
 /// Most floats of one column tile (16 MiB): big enough for an efficient gemm, small enough to
@@ -37,81 +39,82 @@ pub fn forward(conv: &Conv2d, xs: &Tensor) -> Result<Tensor> {
 
 /// A 3×3, stride-1, padding-1 convolution of (b, c_in, h, w) float32 `xs` on the CPU.
 pub fn conv3x3(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let (b, c_in, h, w) = xs.dims4()?;
+    let (_, c_in, _, _) = xs.dims4()?;
     let (c_out, w_in, _, _) = weight.dims4()?;
     if w_in != c_in {
         candle_core::bail!("conv3x3: input has {c_in} channels, the weight expects {w_in}");
     }
-    let k = c_in * 9;
-    let matrix = weight.reshape((c_out, k))?;
-    let pixels = h * w;
-    let tile = (TILE_FLOATS / k).max(256).min(pixels.max(1));
-    let xs = xs.contiguous()?;
-    let mut images = Vec::with_capacity(b);
-    for image in 0..b {
-        let one = xs.get(image)?;
-        let mut tiles = Vec::with_capacity(pixels.div_ceil(tile));
-        let mut first = 0;
-        while first < pixels {
-            let len = tile.min(pixels - first);
-            let op = Im2Col {
-                height: h,
-                width: w,
-                first,
-                len,
-            };
-            let columns = one.apply_op1_no_bwd(&op)?;
-            tiles.push(matrix.matmul(&columns)?);
-            first += len;
-        }
-        let out = if tiles.len() == 1 {
-            tiles.remove(0)
-        } else {
-            Tensor::cat(&tiles, 1)?
-        };
-        images.push(out.reshape((c_out, h, w))?);
-    }
-    // One image (the VAE, or a UNet without guidance) needs no stacking copy.
-    let out = match images.as_slice() {
-        [one] => one.unsqueeze(0)?,
-        _ => Tensor::stack(&images, 0)?,
+    let bias = match bias {
+        Some(bias) => Some(bias.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+        None => None,
     };
-    match bias {
-        Some(bias) => out.broadcast_add(&bias.reshape((1, c_out, 1, 1))?),
-        None => Ok(out),
+    if bias.as_ref().is_some_and(|b| b.len() != c_out) {
+        candle_core::bail!("conv3x3: the bias does not have {c_out} values");
     }
+    xs.contiguous()?
+        .apply_op2_no_bwd(&weight.contiguous()?, &Conv3x3 { bias })
 }
 
-/// The (c_in·9, len) column block of output pixels `first..first + len` of one (c_in, h, w) image.
-struct Im2Col {
-    height: usize,
-    width: usize,
-    first: usize,
-    len: usize,
+/// The whole convolution in one op: the output is allocated once and each tile's product is
+/// written into its place with the bias added, so no tile concatenation, image stacking or
+/// separate bias pass makes further output-sized copies (at the VAE's 512² level one output is
+/// 128 MiB, and every fresh allocation of that size page-faults).
+struct Conv3x3 {
+    bias: Option<Vec<f32>>,
 }
 
-impl CustomOp1 for Im2Col {
+impl CustomOp2 for Conv3x3 {
     fn name(&self) -> &'static str {
-        "im2col-3x3"
+        "conv3x3"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("im2col takes float32");
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xs_layout: &Layout,
+        weight: &CpuStorage,
+        weight_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = xs else {
+            candle_core::bail!("conv3x3 takes float32");
         };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("im2col takes a contiguous input");
+        let (Some((start, end)), Some((w_start, _))) = (
+            xs_layout.contiguous_offsets(),
+            weight_layout.contiguous_offsets(),
+        ) else {
+            candle_core::bail!("conv3x3 takes contiguous tensors");
         };
-        let channels = layout.dims()[0];
-        let mut out = vec![0f32; channels * 9 * self.len];
-        fastfusion_kernels::im2col_3x3(
-            &data[start..end],
-            (channels, self.height, self.width),
-            self.first,
-            self.len,
-            &mut out,
-        );
-        Ok((CpuStorage::F32(out), Shape::from((channels * 9, self.len))))
+        let [b, c_in, h, w] = *xs_layout.dims() else {
+            candle_core::bail!("conv3x3 takes (b, c, h, w)");
+        };
+        let c_out = weight_layout.dims()[0];
+        let (k, pixels) = (c_in * 9, h * w);
+        let tile = (TILE_FLOATS / k).max(256).min(pixels.max(1));
+        // The weight as laid out, read as the (c_out, c_in·9) left-hand matrix.
+        let matrix = Layout::contiguous_with_offset((c_out, k), w_start);
+        let mut out = vec![0f32; b * c_out * pixels];
+        for (image, out) in out.chunks_exact_mut(c_out * pixels).enumerate() {
+            let one = &data[start + image * c_in * pixels..start + (image + 1) * c_in * pixels];
+            debug_assert!(start + (image + 1) * c_in * pixels <= end);
+            let mut first = 0;
+            while first < pixels {
+                let len = tile.min(pixels - first);
+                let mut columns = vec![0f32; k * len];
+                fastfusion_kernels::im2col_3x3(one, (c_in, h, w), first, len, &mut columns);
+                let product = weight.matmul(
+                    &CpuStorage::F32(columns),
+                    (1, c_out, len, k),
+                    &matrix,
+                    &Layout::contiguous((k, len)),
+                )?;
+                let CpuStorage::F32(product) = product else {
+                    candle_core::bail!("conv3x3: the product is not float32");
+                };
+                fastfusion_kernels::place_tile(&product, out, pixels, first, self.bias.as_deref());
+                first += len;
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((b, c_out, h, w))))
     }
 }
 

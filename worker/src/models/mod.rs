@@ -30,6 +30,7 @@ pub mod norm;
 pub mod pil_resize;
 pub mod redux;
 pub mod resnet;
+pub mod softmax;
 pub mod t5;
 pub mod t5_tokenizer;
 pub mod tokenizer;

@@ -12,6 +12,7 @@ use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 
 use super::norm::{group_norm, GroupNorm};
+use super::softmax::scaled_softmax_last_dim;
 use crate::lora::{conv2d, linear, linear_no_bias, LoraConv2d, LoraLinear};
 
 /// Multi-head attention, self (`context = None`) or cross.
@@ -111,8 +112,8 @@ fn attention_in_rows(
     let mut start = 0;
     while start < tokens {
         let len = rows.min(tokens - start);
-        let scores = (q.narrow(2, start, len)?.matmul(&kt)? * scale)?;
-        blocks.push(candle_nn::ops::softmax_last_dim(&scores)?.matmul(v)?);
+        let scores = q.narrow(2, start, len)?.matmul(&kt)?;
+        blocks.push(scaled_softmax_last_dim(scores, scale)?.matmul(v)?);
         start += len;
     }
     if blocks.len() == 1 {

@@ -8,6 +8,8 @@
 
 use candle_core::{DType, Tensor};
 
+use crate::models::softmax::scaled_softmax_last_dim;
+
 /// Scores per query block are kept under this many bytes (float32).
 const SCORE_BLOCK_BYTES: usize = 64 << 20;
 
@@ -43,15 +45,21 @@ fn attention_in_blocks(
     let (_, _, tokens, head_dim) = q.dims4()?;
     let rows = rows.clamp(1, tokens.max(1));
     let scale = 1.0 / (head_dim as f64).sqrt();
+    let fused = q.device().is_cpu() && q.dtype() == DType::F32;
     let kt = k.t()?.contiguous()?;
     let v = v.contiguous()?;
     let mut blocks = Vec::with_capacity(tokens.div_ceil(rows));
     let mut start = 0;
     while start < tokens {
         let len = rows.min(tokens - start);
-        let qb = (q.narrow(2, start, len)? * scale)?;
-        let scores = qb.matmul(&kt)?.to_dtype(DType::F32)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        let qb = q.narrow(2, start, len)?;
+        let probs = if fused {
+            // float32 on the CPU: the scale goes into the fused softmax (one pass fewer).
+            scaled_softmax_last_dim(qb.matmul(&kt)?, scale)?
+        } else {
+            let scores = (qb * scale)?.matmul(&kt)?.to_dtype(DType::F32)?;
+            candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?
+        };
         blocks.push(probs.matmul(&v)?);
         start += len;
     }
