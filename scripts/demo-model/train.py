@@ -504,27 +504,47 @@ def background_box(size_name, position):
     return x, y, x + 12, y + 12
 
 
+def two_colours(rng):
+    """A shape colour and a different background colour."""
+    colour = list(COLOURS)[rng.integers(len(COLOURS))]
+    background = colour
+    while background == colour:
+        background = list(COLOURS)[rng.integers(len(COLOURS))]
+    return colour, background
+
+
+def sample(pipe, caption, seed, args):
+    """One picture at the native size with the evaluation's steps and guidance."""
+    return pipe(
+        caption,
+        num_inference_steps=args.eval_steps,
+        guidance_scale=args.eval_guidance,
+        height=SIZE,
+        width=SIZE,
+        generator=torch.Generator("cpu").manual_seed(seed),
+    ).images[0]
+
+
+def grid_of(images):
+    """The pictures in rows of 8."""
+    grid = Image.new("RGB", (SIZE * 8, SIZE * ((len(images) + 7) // 8)), (255, 255, 255))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % 8) * SIZE, (i // 8) * SIZE))
+    return grid
+
+
 def evaluate(pipe, args, log):
     rng = np.random.default_rng(args.seed + 3)
-    cases, hits = [], {"shape_colour": 0, "background": 0}
+    cases, hits, images = [], {"shape_colour": 0, "background": 0}, []
     for i in range(args.eval_count):
         shape = SHAPES[i % len(SHAPES)]
-        colour = list(COLOURS)[rng.integers(len(COLOURS))]
-        background = colour
-        while background == colour:
-            background = list(COLOURS)[rng.integers(len(COLOURS))]
+        colour, background = two_colours(rng)
         size_word = ["small", None][i % 2]
         position_word = [None, "top left", "bottom right", "top right", "bottom left", "left", "right", "top",
                          "bottom"][i % 9] if size_word else None
         caption = caption_for(shape, colour, size_word, background, position_word)
-        image = pipe(
-            caption,
-            num_inference_steps=args.eval_steps,
-            guidance_scale=args.eval_guidance,
-            height=SIZE,
-            width=SIZE,
-            generator=torch.Generator("cpu").manual_seed(i),
-        ).images[0]
+        image = sample(pipe, caption, i, args)
+        images.append(image)
         size_name, position = size_word or "medium", position_word or "center"
         got_colour = region_colour(image, inner_box(size_name, position))
         got_background = region_colour(image, background_box(size_name, position))
@@ -536,10 +556,7 @@ def evaluate(pipe, args, log):
     log["eval"] = {k: f"{v}/{args.eval_count}" for k, v in hits.items()}
     log["eval_cases"] = cases
     print(f"eval accuracy: {log['eval']}", flush=True)
-    grid = Image.new("RGB", (SIZE * 8, SIZE * ((args.eval_count + 7) // 8)), (255, 255, 255))
-    for i in range(args.eval_count):
-        grid.paste(Image.open(args.work / f"eval_{i:02d}.png"), ((i % 8) * SIZE, (i // 8) * SIZE))
-    return grid
+    return grid_of(images)
 
 
 def evaluate_places(pipe, args, log):
@@ -549,27 +566,14 @@ def evaluate_places(pipe, args, log):
     hits, images = 0, []
     for i in range(32):
         place, shape = places[i % len(places)], SHAPES[(i // len(places)) % len(SHAPES)]
-        colour = list(COLOURS)[rng.integers(len(COLOURS))]
-        background = colour
-        while background == colour:
-            background = list(COLOURS)[rng.integers(len(COLOURS))]
+        colour, background = two_colours(rng)
         caption = caption_for(shape, colour, "small", background, place)
-        image = pipe(
-            caption,
-            num_inference_steps=args.eval_steps,
-            guidance_scale=args.eval_guidance,
-            height=SIZE,
-            width=SIZE,
-            generator=torch.Generator("cpu").manual_seed(100 + i),
-        ).images[0]
+        image = sample(pipe, caption, 100 + i, args)
         hits += region_colour(image, inner_box("small", place)) == colour
         images.append(image)
     log["eval"]["named_place"] = f"{hits}/32"
     print(f"small shapes at their named place: {hits}/32", flush=True)
-    grid = Image.new("RGB", (SIZE * 8, SIZE * 4), (255, 255, 255))
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % 8) * SIZE, (i // 8) * SIZE))
-    return grid
+    return grid_of(images)
 
 
 def main():
