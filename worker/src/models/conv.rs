@@ -44,6 +44,14 @@ pub fn conv3x3(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Te
     if w_in != c_in {
         candle_core::bail!("conv3x3: input has {c_in} channels, the weight expects {w_in}");
     }
+    if xs.elem_count() == 0 || weight.elem_count() == 0 {
+        // The op below divides by c_in·9 and chunks by image size.
+        candle_core::bail!(
+            "conv3x3: empty input {:?} or weight {:?}",
+            xs.dims(),
+            weight.dims()
+        );
+    }
     let bias = match bias {
         Some(bias) => Some(bias.to_dtype(DType::F32)?.to_vec1::<f32>()?),
         None => None,
@@ -93,9 +101,8 @@ impl CustomOp2 for Conv3x3 {
         // The weight as laid out, read as the (c_out, c_in·9) left-hand matrix.
         let matrix = Layout::contiguous_with_offset((c_out, k), w_start);
         let mut out = vec![0f32; b * c_out * pixels];
-        for (image, out) in out.chunks_exact_mut(c_out * pixels).enumerate() {
-            let one = &data[start + image * c_in * pixels..start + (image + 1) * c_in * pixels];
-            debug_assert!(start + (image + 1) * c_in * pixels <= end);
+        let images = data[start..end].chunks_exact(c_in * pixels);
+        for (one, out) in images.zip(out.chunks_exact_mut(c_out * pixels)) {
             let mut first = 0;
             while first < pixels {
                 let len = tile.min(pixels - first);
