@@ -7,6 +7,18 @@
 
 use rayon::prelude::*;
 
+pub mod winograd;
+
+/// Runs `f` compiled for the best vector instructions this CPU has (pulp's run-time dispatch:
+/// AVX-512, else AVX2 + FMA, else baseline). The loops inlined into `f` then auto-vectorise at
+/// that width instead of the SSE2 the x86-64 baseline build allows. Called inside each rayon
+/// task, since a task's closure is compiled apart from its caller. Rust never contracts
+/// `a * b + c` into an FMA on its own, so results are the same on every path.
+#[inline(always)]
+pub(crate) fn vectorised<R>(f: impl FnOnce() -> R) -> R {
+    pulp::Arch::new().dispatch(f)
+}
+
 /// Shapes and parameters of one GroupNorm call over an `(n, channels, spatial…)` tensor.
 #[derive(Debug, Clone, Copy)]
 pub struct GroupNormSpec<'a> {
@@ -37,26 +49,28 @@ pub fn group_norm(xs: &[f32], out: &mut [f32], spec: &GroupNormSpec<'_>) {
         .zip(xs.par_chunks(chunk))
         .enumerate()
         .for_each(|(index, (out, xs))| {
-            let group = index % spec.groups;
-            let (mean, var) = moments(xs);
-            let rstd = 1.0 / (var + spec.eps).sqrt();
-            // (x − mean)·scale + β, as torch computes it: folding the mean into the shift
-            // (x·scale + shift) cancels badly when a group's variance is tiny and 1/σ large.
-            let mean = mean as f32;
-            for c in 0..per_group {
-                let channel = group * per_group + c;
-                let scale = (f64::from(spec.gamma[channel]) * rstd) as f32;
-                let shift = spec.beta[channel];
-                let range = c * spec.spatial..(c + 1) * spec.spatial;
-                let (src, dst) = (&xs[range.clone()], &mut out[range]);
-                if spec.silu {
-                    affine_silu(src, dst, mean, scale, shift);
-                } else {
-                    for (d, s) in dst.iter_mut().zip(src) {
-                        *d = (s - mean) * scale + shift;
+            vectorised(|| {
+                let group = index % spec.groups;
+                let (mean, var) = moments(xs);
+                let rstd = 1.0 / (var + spec.eps).sqrt();
+                // (x − mean)·scale + β, as torch computes it: folding the mean into the shift
+                // (x·scale + shift) cancels badly when a group's variance is tiny and 1/σ large.
+                let mean = mean as f32;
+                for c in 0..per_group {
+                    let channel = group * per_group + c;
+                    let scale = (f64::from(spec.gamma[channel]) * rstd) as f32;
+                    let shift = spec.beta[channel];
+                    let range = c * spec.spatial..(c + 1) * spec.spatial;
+                    let (src, dst) = (&xs[range.clone()], &mut out[range]);
+                    if spec.silu {
+                        affine_silu(src, dst, mean, scale, shift);
+                    } else {
+                        for (d, s) in dst.iter_mut().zip(src) {
+                            *d = (s - mean) * scale + shift;
+                        }
                     }
                 }
-            }
+            })
         });
 }
 
@@ -134,10 +148,12 @@ pub fn place_tile(
         .zip(tile.par_chunks(len.max(1)))
         .enumerate()
         .for_each(|(c, (out, tile))| {
-            let shift = bias.map_or(0.0, |b| b[c]);
-            for (o, t) in out[first..first + len].iter_mut().zip(tile) {
-                *o = t + shift;
-            }
+            vectorised(|| {
+                let shift = bias.map_or(0.0, |b| b[c]);
+                for (o, t) in out[first..first + len].iter_mut().zip(tile) {
+                    *o = t + shift;
+                }
+            })
         });
 }
 
@@ -145,6 +161,7 @@ const LANES: usize = 8;
 
 /// Mean and (biased) variance, accumulated in float64 over independent lanes so that the loops
 /// vectorise; two passes (mean, then squared deviations) as torch's GroupNorm is accurate.
+#[inline(always)]
 pub fn moments(xs: &[f32]) -> (f64, f64) {
     let n = xs.len() as f64;
     let mut lanes = [0f64; LANES];
@@ -173,6 +190,7 @@ pub fn moments(xs: &[f32]) -> (f64, f64) {
 }
 
 /// `dst = silu((src − mean)·scale + shift)`.
+#[inline(always)]
 pub fn affine_silu(src: &[f32], dst: &mut [f32], mean: f32, scale: f32, shift: f32) {
     for (d, s) in dst.iter_mut().zip(src) {
         let y = (s - mean) * scale + shift;
@@ -191,12 +209,15 @@ pub fn softmax_rows(xs: &mut [f32], row: usize, scale: f32) {
     // Several short rows per task, so rayon's per-task cost stays small next to the work.
     let rows_per_task = (16_384 / row).max(1);
     xs.par_chunks_mut(row * rows_per_task).for_each(|rows| {
-        for r in rows.chunks_exact_mut(row) {
-            softmax_row(r, scale);
-        }
+        vectorised(|| {
+            for r in rows.chunks_exact_mut(row) {
+                softmax_row(r, scale);
+            }
+        })
     });
 }
 
+#[inline(always)]
 fn softmax_row(r: &mut [f32], scale: f32) {
     // The largest scaled value: subtracting it keeps every exponent ≤ 0 (no overflow).
     let mut lanes = [f32::NEG_INFINITY; LANES];

@@ -11,14 +11,18 @@ use candle_core::{Device, Module, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig};
 
 use crate::error::Result;
-use crate::models::conv;
+use crate::models::conv::{self, Method};
 use crate::models::norm::GroupNorm;
 use crate::models::softmax::scaled_softmax_last_dim;
 
 /// (label, shape) of the inputs: UNet batch 2 (guidance), VAE decode batch 1.
 pub const SHAPES: &[(&str, [usize; 4])] = &[
     ("unet 256² top level", [2, 320, 32, 32]),
+    ("unet 256² level 2", [2, 640, 16, 16]),
+    ("unet 256² level 3", [2, 1280, 8, 8]),
+    ("unet 256² level 4", [2, 1280, 4, 4]),
     ("unet 512² top level", [2, 320, 64, 64]),
+    ("unet 512² level 2", [2, 640, 32, 32]),
     ("unet 512² mid level", [2, 1280, 16, 16]),
     ("vae 512² level 3", [1, 256, 256, 256]),
     ("vae 512² level 4", [1, 128, 512, 512]),
@@ -134,22 +138,38 @@ pub fn run(repeat: usize) -> Result<OpsReport> {
             padding: 1,
             ..Default::default()
         };
-        let layer = Conv2d::new(weight, Some(bias), cfg);
-        let ours_s = mean_seconds(repeat, &mut || {
-            conv::forward(&layer, &x)?;
-            Ok(())
-        })?;
+        let layer = Conv2d::new(weight.clone(), Some(bias.clone()), cfg);
         let candle_s = mean_seconds(repeat, &mut || {
             layer.forward(&x)?;
             Ok(())
         })?;
+        let ours_s = mean_seconds(repeat, &mut || {
+            conv::forward(&layer, &x)?;
+            Ok(())
+        })?;
+        let [n, c, h, w] = shape;
+        let chosen = Method::choose(n, c, c, h, w);
         rows.push(OpRow {
-            op: "conv3x3",
+            op: chosen.name(),
             label,
             shape,
             ours_s,
             candle_s,
         });
+        // The methods not chosen, to show the choice is right.
+        for method in Method::ALL.into_iter().filter(|m| *m != chosen) {
+            let ours_s = mean_seconds(repeat, &mut || {
+                conv::conv3x3_with(&x, &weight, Some(&bias), Some(method))?;
+                Ok(())
+            })?;
+            rows.push(OpRow {
+                op: method.name(),
+                label: "  (not chosen)",
+                shape,
+                ours_s,
+                candle_s,
+            });
+        }
     }
     for &(label, shape) in SCORE_SHAPES {
         let scores = Tensor::randn(0f32, 4.0, &shape[..], &device)?;

@@ -9,9 +9,12 @@
 //! matmul) gives that tile of the output, which is written into its place in the NCHW output
 //! with the bias added. Other shapes, devices and dtypes take candle's conv2d.
 
+use std::sync::OnceLock;
+
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::Conv2d;
+use fastfusion_kernels::winograd::{self, Geometry, Tile};
 
 /// Most floats of one column tile (16 MiB): big enough for an efficient gemm, small enough to
 /// stay out of the page-faulting sizes of fresh allocations.
@@ -39,6 +42,16 @@ pub fn forward(conv: &Conv2d, xs: &Tensor) -> Result<Tensor> {
 
 /// A 3×3, stride-1, padding-1 convolution of (b, c_in, h, w) float32 `xs` on the CPU.
 pub fn conv3x3(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    conv3x3_with(xs, weight, bias, None)
+}
+
+/// [`conv3x3`] by a given method, or the one chosen from the shapes (`None`).
+pub fn conv3x3_with(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    method: Option<Method>,
+) -> Result<Tensor> {
     let (_, c_in, _, _) = xs.dims4()?;
     let (c_out, w_in, _, _) = weight.dims4()?;
     if w_in != c_in {
@@ -60,7 +73,7 @@ pub fn conv3x3(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Te
         candle_core::bail!("conv3x3: the bias does not have {c_out} values");
     }
     xs.contiguous()?
-        .apply_op2_no_bwd(&weight.contiguous()?, &Conv3x3 { bias })
+        .apply_op2_no_bwd(&weight.contiguous()?, &Conv3x3 { bias, method })
 }
 
 /// The whole convolution in one op: the output is allocated once and each tile's product is
@@ -69,6 +82,8 @@ pub fn conv3x3(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Te
 /// 128 MiB, and every fresh allocation of that size page-faults).
 struct Conv3x3 {
     bias: Option<Vec<f32>>,
+    /// Forced by tests; otherwise chosen per call from the shapes.
+    method: Option<Method>,
 }
 
 impl CustomOp2 for Conv3x3 {
@@ -96,12 +111,118 @@ impl CustomOp2 for Conv3x3 {
             candle_core::bail!("conv3x3 takes (b, c, h, w)");
         };
         let c_out = weight_layout.dims()[0];
+        let input = &data[start..end];
+        let weight_data = match weight {
+            CpuStorage::F32(w) => w.get(w_start..w_start + c_out * c_in * 9),
+            _ => None,
+        };
+        let Some(weight_data) = weight_data else {
+            candle_core::bail!("conv3x3 takes a float32 (c_out, c_in, 3, 3) weight");
+        };
+        let method = self
+            .method
+            .unwrap_or_else(|| Method::choose(b, c_in, c_out, h, w));
+        let out = match method {
+            Method::Im2col => self.im2col(input, weight, w_start, (b, c_in, h, w), c_out)?,
+            Method::Winograd(tile) => {
+                let geometry = Geometry {
+                    tile,
+                    batch: b,
+                    height: h,
+                    width: w,
+                };
+                self.winograd(&geometry, input, weight_data, c_in, c_out)?
+            }
+        };
+        Ok((CpuStorage::F32(out), Shape::from((b, c_out, h, w))))
+    }
+}
+
+/// How one call is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Im2col,
+    Winograd(Tile),
+}
+
+impl Method {
+    pub const ALL: [Method; 3] = [
+        Method::Im2col,
+        Method::Winograd(Tile::F2),
+        Method::Winograd(Tile::F4),
+    ];
+
+    /// The op's name in benchmark tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Im2col => "conv3x3/im2col",
+            Method::Winograd(Tile::F2) => "conv3x3/wino-f2",
+            Method::Winograd(Tile::F4) => "conv3x3/wino-f4",
+        }
+    }
+
+    /// The method for a call's shapes: the cheapest by a cost model fitted to `bench --mode
+    /// ops` on the 2-core development machine (AVX-512 gemm): im2col's products run at about
+    /// 230 GFLOP/s, Winograd's α² thinner ones at about 170; Winograd also transforms its
+    /// weights on every call (about 1.5 ns per transformed value, which is what rules it out
+    /// for 1280 channels on small maps) and its input and output blocks (about 0.5 ns per
+    /// value). `FASTFUSION_CONV3X3=im2col|f2|f4` forces one (for benchmarks).
+    pub fn choose(batch: usize, c_in: usize, c_out: usize, h: usize, w: usize) -> Method {
+        if let Some(forced) = *forced_method() {
+            return forced;
+        }
+        let pairs = (c_in * c_out) as f64;
+        let im2col_ns = 2.0 * 9.0 * (batch * h * w) as f64 * pairs / 230.0;
+        let winograd_ns = |tile: Tile| {
+            let m = tile.m();
+            let tiles = (batch * h.div_ceil(m) * w.div_ceil(m)) as f64;
+            let points = tile.points() as f64;
+            2.0 * points * tiles * pairs / 170.0
+                + 1.5 * points * pairs
+                + 0.5 * points * tiles * (c_in + c_out) as f64
+        };
+        [Tile::F4, Tile::F2]
+            .into_iter()
+            .map(|tile| (Method::Winograd(tile), winograd_ns(tile)))
+            .fold((Method::Im2col, im2col_ns), |best, next| {
+                if next.1 < best.1 {
+                    next
+                } else {
+                    best
+                }
+            })
+            .0
+    }
+}
+
+fn forced_method() -> &'static Option<Method> {
+    static FORCED: OnceLock<Option<Method>> = OnceLock::new();
+    FORCED.get_or_init(
+        || match std::env::var("FASTFUSION_CONV3X3").ok().as_deref() {
+            Some("im2col") => Some(Method::Im2col),
+            Some("f2") => Some(Method::Winograd(Tile::F2)),
+            Some("f4") => Some(Method::Winograd(Tile::F4)),
+            _ => None,
+        },
+    )
+}
+
+impl Conv3x3 {
+    /// Tiles of output pixels, each one product of the weight (c_out × c_in·9, as laid out)
+    /// with its im2col columns.
+    fn im2col(
+        &self,
+        input: &[f32],
+        weight: &CpuStorage,
+        w_start: usize,
+        (b, c_in, h, w): (usize, usize, usize, usize),
+        c_out: usize,
+    ) -> Result<Vec<f32>> {
         let (k, pixels) = (c_in * 9, h * w);
         let tile = (TILE_FLOATS / k).max(256).min(pixels.max(1));
-        // The weight as laid out, read as the (c_out, c_in·9) left-hand matrix.
         let matrix = Layout::contiguous_with_offset((c_out, k), w_start);
         let mut out = vec![0f32; b * c_out * pixels];
-        let images = data[start..end].chunks_exact(c_in * pixels);
+        let images = input.chunks_exact(c_in * pixels);
         for (one, out) in images.zip(out.chunks_exact_mut(c_out * pixels)) {
             let mut first = 0;
             while first < pixels {
@@ -121,7 +242,62 @@ impl CustomOp2 for Conv3x3 {
                 first += len;
             }
         }
-        Ok((CpuStorage::F32(out), Shape::from((b, c_out, h, w))))
+        Ok(out)
+    }
+
+    /// Chunks of tile rows: input blocks transformed, α² products with the transformed weights
+    /// (one batched gemm), output blocks written into the NCHW output with the bias.
+    fn winograd(
+        &self,
+        geometry: &Geometry,
+        input: &[f32],
+        weight: &[f32],
+        c_in: usize,
+        c_out: usize,
+    ) -> Result<Vec<f32>> {
+        let points = geometry.tile.points();
+        let tiles_x = geometry.tiles_x();
+        let transformed = CpuStorage::F32(winograd::weights(geometry.tile, weight, c_out, c_in));
+        // Read as α² matrices (c_out × c_in) from the [c_out][α²][c_in] layout.
+        let lhs = Layout::new(
+            Shape::from((points, c_out, c_in)),
+            vec![c_in, points * c_in, 1],
+            0,
+        );
+        let chunk = (TILE_FLOATS / (points * tiles_x * c_in.max(c_out))).clamp(1, geometry.rows());
+        let mut out = vec![0f32; geometry.batch * c_out * geometry.height * geometry.width];
+        let mut first = 0;
+        while first < geometry.rows() {
+            let rows = chunk.min(geometry.rows() - first);
+            let tiles = rows * tiles_x;
+            let mut blocks = vec![0f32; c_in * points * tiles];
+            winograd::input(geometry, input, c_in, (first, rows), &mut blocks);
+            // Read as α² matrices (c_in × T) from the [c_in][α²][T] layout.
+            let rhs = Layout::new(
+                Shape::from((points, c_in, tiles)),
+                vec![tiles, points * tiles, 1],
+                0,
+            );
+            let product = transformed.matmul(
+                &CpuStorage::F32(blocks),
+                (points, c_out, tiles, c_in),
+                &lhs,
+                &rhs,
+            )?;
+            let CpuStorage::F32(product) = product else {
+                candle_core::bail!("conv3x3: the product is not float32");
+            };
+            winograd::output(
+                geometry,
+                &product,
+                c_out,
+                (first, rows),
+                self.bias.as_deref(),
+                &mut out,
+            );
+            first += rows;
+        }
+        Ok(out)
     }
 }
 
@@ -132,13 +308,15 @@ mod tests {
     use candle_nn::Conv2dConfig;
 
     #[test]
-    fn equals_candles_conv2d() -> Result<()> {
+    fn every_method_equals_candles_conv2d() -> Result<()> {
         let device = Device::Cpu;
-        // One tile, several tiles (TILE_FLOATS / (c_in·9) < h·w), odd sizes, no bias.
+        // One tile, several tiles (TILE_FLOATS / (c_in·9) < h·w, and for Winograd several
+        // chunks of tile rows), odd sizes (partial blocks), a 1×1 map, no bias.
         for (b, c_in, c_out, h, w, bias) in [
             (2, 4, 6, 5, 7, true),
             (1, 3, 2, 1, 1, true),
             (1, 512, 8, 40, 30, false),
+            (2, 64, 16, 66, 33, true),
         ] {
             let xs = Tensor::randn(0f32, 1.0, (b, c_in, h, w), &device)?;
             let weight = Tensor::randn(0f32, 0.2, (c_out, c_in, 3, 3), &device)?;
@@ -151,16 +329,49 @@ mod tests {
             };
             let conv = Conv2d::new(weight.clone(), bias.clone(), cfg);
             let want = conv.forward(&xs)?;
-            let got = forward(&conv, &xs)?;
-            assert_eq!(got.dims(), want.dims());
-            let diff: f32 = (got - &want)?.abs()?.flatten_all()?.max(0)?.to_scalar()?;
             let scale: f32 = want.abs()?.flatten_all()?.max(0)?.to_scalar()?;
-            assert!(
-                diff <= 1e-5 * scale.max(1.0),
-                "{b}x{c_in}x{h}x{w}: differs by {diff}"
-            );
+            for method in [
+                Method::Im2col,
+                Method::Winograd(Tile::F2),
+                Method::Winograd(Tile::F4),
+            ] {
+                let got = conv3x3_with(&xs, &weight, bias.as_ref(), Some(method))?;
+                assert_eq!(got.dims(), want.dims());
+                let diff: f32 = (got - &want)?.abs()?.flatten_all()?.max(0)?.to_scalar()?;
+                // F(4×4) loses about a decimal digit of float32 (module docs of the kernel).
+                let tolerance = if method == Method::Winograd(Tile::F4) {
+                    2e-5
+                } else {
+                    1e-5
+                };
+                assert!(
+                    diff <= tolerance * scale.max(1.0),
+                    "{method:?} {b}x{c_in}x{h}x{w}: differs by {diff} (largest value {scale})"
+                );
+            }
+            assert_eq!(forward(&conv, &xs)?.dims(), want.dims());
         }
         Ok(())
+    }
+
+    #[test]
+    fn the_choice_follows_the_map_and_channel_sizes() {
+        if forced_method().is_some() {
+            return;
+        }
+        // The VAE's large levels and SD's top level: Winograd F(4×4); SD's 1280-channel levels
+        // on small maps: im2col (the per-call weight transform would outweigh the savings).
+        assert_eq!(
+            Method::choose(1, 128, 128, 512, 512),
+            Method::Winograd(Tile::F4)
+        );
+        assert_eq!(
+            Method::choose(2, 320, 320, 32, 32),
+            Method::Winograd(Tile::F4)
+        );
+        assert_eq!(Method::choose(2, 1280, 1280, 8, 8), Method::Im2col);
+        assert_eq!(Method::choose(2, 1280, 1280, 16, 16), Method::Im2col);
+        assert_eq!(Method::choose(1, 4, 4, 1, 1), Method::Im2col);
     }
 
     #[test]
