@@ -163,7 +163,9 @@ fn planar<const N: usize, const K: usize>(
         if len == LANES {
             // Fixed-length copies: inlined moves rather than a memcpy call per row.
             for (b, s) in block.iter_mut().zip(&src) {
-                *b = s[i0..i0 + LANES].try_into().unwrap_or([0.0; LANES]);
+                *b = s[i0..i0 + LANES]
+                    .try_into()
+                    .unwrap_or_else(|_| unreachable!("a slice of LANES values"));
             }
         } else {
             for (b, s) in block.iter_mut().zip(&src) {

@@ -1,5 +1,8 @@
 //! 3×3 convolutions (stride 1, padding 1: nearly every convolution of a UNet and a VAE) on the
-//! CPU in float32 as tiles of im2col × one matrix product, without candle's per-call costs.
+//! CPU in float32, without candle's per-call costs, by one of two methods chosen per call
+//! ([`Method::choose`]): Winograd (`fastfusion_kernels::winograd`: 4× or 2.25× fewer
+//! multiply-adds, for large maps) or tiles of im2col × one matrix product (small maps with many
+//! channels, where Winograd's per-call weight transform costs more than it saves).
 //!
 //! candle's CPU conv2d copies the whole input to NHWC serially, re-flattens the weights on every
 //! call and builds 512-pixel column blocks with strided writes (../shared/PERF-NOTES.md §1-2: 2-2.5×
@@ -168,14 +171,21 @@ impl Method {
     /// for 1280 channels on small maps) and its input and output blocks (about 0.5 ns per
     /// value). `FASTFUSION_CONV3X3=im2col|f2|f4` forces one (for benchmarks).
     pub fn choose(batch: usize, c_in: usize, c_out: usize, h: usize, w: usize) -> Method {
-        if let Some(forced) = *forced_method() {
-            return forced;
-        }
+        forced_method().unwrap_or_else(|| Method::cheapest(batch, c_in, c_out, h, w))
+    }
+
+    /// The cost model's choice (see [`Method::choose`]).
+    fn cheapest(batch: usize, c_in: usize, c_out: usize, height: usize, width: usize) -> Method {
         let pairs = (c_in * c_out) as f64;
-        let im2col_ns = 2.0 * 9.0 * (batch * h * w) as f64 * pairs / 230.0;
+        let im2col_ns = 2.0 * 9.0 * (batch * height * width) as f64 * pairs / 230.0;
         let winograd_ns = |tile: Tile| {
-            let m = tile.m();
-            let tiles = (batch * h.div_ceil(m) * w.div_ceil(m)) as f64;
+            let geometry = Geometry {
+                tile,
+                batch,
+                height,
+                width,
+            };
+            let tiles = (geometry.rows() * geometry.tiles_x()) as f64;
             let points = tile.points() as f64;
             2.0 * points * tiles * pairs / 170.0
                 + 1.5 * points * pairs
@@ -184,25 +194,27 @@ impl Method {
         [Tile::F4, Tile::F2]
             .into_iter()
             .map(|tile| (Method::Winograd(tile), winograd_ns(tile)))
-            .fold((Method::Im2col, im2col_ns), |best, next| {
-                if next.1 < best.1 {
-                    next
-                } else {
-                    best
-                }
-            })
-            .0
+            .chain([(Method::Im2col, im2col_ns)])
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map_or(Method::Im2col, |(method, _)| method)
     }
 }
 
-fn forced_method() -> &'static Option<Method> {
+fn forced_method() -> Option<Method> {
     static FORCED: OnceLock<Option<Method>> = OnceLock::new();
-    FORCED.get_or_init(
+    *FORCED.get_or_init(
         || match std::env::var("FASTFUSION_CONV3X3").ok().as_deref() {
             Some("im2col") => Some(Method::Im2col),
             Some("f2") => Some(Method::Winograd(Tile::F2)),
             Some("f4") => Some(Method::Winograd(Tile::F4)),
-            _ => None,
+            None | Some("") => None,
+            Some(other) => {
+                tracing::warn!(
+                    value = other,
+                    "FASTFUSION_CONV3X3 is not one of im2col, f2, f4: ignored, the method is chosen per call"
+                );
+                None
+            }
         },
     )
 }
@@ -356,22 +368,19 @@ mod tests {
 
     #[test]
     fn the_choice_follows_the_map_and_channel_sizes() {
-        if forced_method().is_some() {
-            return;
-        }
         // The VAE's large levels and SD's top level: Winograd F(4×4); SD's 1280-channel levels
         // on small maps: im2col (the per-call weight transform would outweigh the savings).
         assert_eq!(
-            Method::choose(1, 128, 128, 512, 512),
+            Method::cheapest(1, 128, 128, 512, 512),
             Method::Winograd(Tile::F4)
         );
         assert_eq!(
-            Method::choose(2, 320, 320, 32, 32),
+            Method::cheapest(2, 320, 320, 32, 32),
             Method::Winograd(Tile::F4)
         );
-        assert_eq!(Method::choose(2, 1280, 1280, 8, 8), Method::Im2col);
-        assert_eq!(Method::choose(2, 1280, 1280, 16, 16), Method::Im2col);
-        assert_eq!(Method::choose(1, 4, 4, 1, 1), Method::Im2col);
+        assert_eq!(Method::cheapest(2, 1280, 1280, 8, 8), Method::Im2col);
+        assert_eq!(Method::cheapest(2, 1280, 1280, 16, 16), Method::Im2col);
+        assert_eq!(Method::cheapest(1, 4, 4, 1, 1), Method::Im2col);
     }
 
     #[test]
