@@ -1,19 +1,25 @@
 //! CPU kernels on plain `f32` slices for the worker's hot paths, where candle's generic ops
 //! cost many memory passes (../shared/PERF-NOTES.md §2). The worker wraps them in candle custom
-//! ops (`fastfusion_worker::models::{norm, conv, softmax}`). This crate is built with
+//! ops (`fastfusion_worker::models::{norm, conv, attention}`). This crate is built with
 //! optimisations even in debug and test builds (the workspace's
 //! `profile.dev.package.fastfusion-kernels`), since its loops are only fast once vectorised.
-//! Safe Rust only.
+//! Safe Rust except for one module, [`matmul`], the bounds-checked front for the `gemm` crate's
+//! raw-pointer product.
 
 use rayon::prelude::*;
 
+pub mod attention;
+pub mod matmul;
 pub mod winograd;
 
 /// Runs `f` compiled for the best vector instructions this CPU has (pulp's run-time dispatch:
-/// AVX-512, else AVX2 + FMA, else baseline). The loops inlined into `f` then auto-vectorise at
-/// that width instead of the SSE2 the x86-64 baseline build allows. Called inside each rayon
-/// task, since a task's closure is compiled apart from its caller. Rust never contracts
-/// `a * b + c` into an FMA on its own, so results are the same on every path.
+/// AVX-512, else AVX2 + FMA, else baseline). Only code inlined into pulp's `#[target_feature]`
+/// wrapper gets that width, so callers mark the closure `#[inline(always)]` (with inner
+/// functions `#[inline(always)]` too): left to the inliner, a closure of any size stays a
+/// separate SSE2 function (found in the disassembly: the attention softmax ran at SSE2 width
+/// and 35 % of the kernel's time until it was forced). Called inside each rayon task, since a
+/// task's closure is compiled apart from its caller. Rust never contracts `a * b + c` into an
+/// FMA on its own, so results are the same on every path.
 #[inline(always)]
 pub(crate) fn vectorised<R>(f: impl FnOnce() -> R) -> R {
     pulp::Arch::new().dispatch(f)
@@ -49,28 +55,31 @@ pub fn group_norm(xs: &[f32], out: &mut [f32], spec: &GroupNormSpec<'_>) {
         .zip(xs.par_chunks(chunk))
         .enumerate()
         .for_each(|(index, (out, xs))| {
-            vectorised(|| {
-                let group = index % spec.groups;
-                let (mean, var) = moments(xs);
-                let rstd = 1.0 / (var + spec.eps).sqrt();
-                // (x − mean)·scale + β, as torch computes it: folding the mean into the shift
-                // (x·scale + shift) cancels badly when a group's variance is tiny and 1/σ large.
-                let mean = mean as f32;
-                for c in 0..per_group {
-                    let channel = group * per_group + c;
-                    let scale = (f64::from(spec.gamma[channel]) * rstd) as f32;
-                    let shift = spec.beta[channel];
-                    let range = c * spec.spatial..(c + 1) * spec.spatial;
-                    let (src, dst) = (&xs[range.clone()], &mut out[range]);
-                    if spec.silu {
-                        affine_silu(src, dst, mean, scale, shift);
-                    } else {
-                        for (d, s) in dst.iter_mut().zip(src) {
-                            *d = (s - mean) * scale + shift;
+            vectorised(
+                #[inline(always)]
+                || {
+                    let group = index % spec.groups;
+                    let (mean, var) = moments(xs);
+                    let rstd = 1.0 / (var + spec.eps).sqrt();
+                    // (x − mean)·scale + β, as torch computes it: folding the mean into the shift
+                    // (x·scale + shift) cancels badly when a group's variance is tiny and 1/σ large.
+                    let mean = mean as f32;
+                    for c in 0..per_group {
+                        let channel = group * per_group + c;
+                        let scale = (f64::from(spec.gamma[channel]) * rstd) as f32;
+                        let shift = spec.beta[channel];
+                        let range = c * spec.spatial..(c + 1) * spec.spatial;
+                        let (src, dst) = (&xs[range.clone()], &mut out[range]);
+                        if spec.silu {
+                            affine_silu(src, dst, mean, scale, shift);
+                        } else {
+                            for (d, s) in dst.iter_mut().zip(src) {
+                                *d = (s - mean) * scale + shift;
+                            }
                         }
                     }
-                }
-            })
+                },
+            )
         });
 }
 
@@ -148,12 +157,15 @@ pub fn place_tile(
         .zip(tile.par_chunks(len.max(1)))
         .enumerate()
         .for_each(|(c, (out, tile))| {
-            vectorised(|| {
-                let shift = bias.map_or(0.0, |b| b[c]);
-                for (o, t) in out[first..first + len].iter_mut().zip(tile) {
-                    *o = t + shift;
-                }
-            })
+            vectorised(
+                #[inline(always)]
+                || {
+                    let shift = bias.map_or(0.0, |b| b[c]);
+                    for (o, t) in out[first..first + len].iter_mut().zip(tile) {
+                        *o = t + shift;
+                    }
+                },
+            )
         });
 }
 
@@ -198,41 +210,31 @@ pub fn affine_silu(src: &[f32], dst: &mut [f32], mean: f32, scale: f32, shift: f
     }
 }
 
-/// Each `row`-long row of `xs` becomes `softmax(scale · row)`, in place; parallel over rows.
-/// Three passes per row (max, exp and sum, normalise) instead of candle's separate scale pass,
-/// max, subtract, libm `exp`, sum and divide. Panics if `xs` is not whole rows.
-pub fn softmax_rows(xs: &mut [f32], row: usize, scale: f32) {
-    if row == 0 {
-        return;
-    }
-    assert!(xs.len().is_multiple_of(row));
-    // Several short rows per task, so rayon's per-task cost stays small next to the work.
-    let rows_per_task = (16_384 / row).max(1);
-    xs.par_chunks_mut(row * rows_per_task).for_each(|rows| {
-        vectorised(|| {
-            for r in rows.chunks_exact_mut(row) {
-                softmax_row(r, scale);
-            }
-        })
-    });
-}
+/// Independent accumulators of the row loops: two AVX-512 vectors (four AVX2 ones), so that the
+/// loop-carried max and sum chains do not limit the loops to one vector per add's latency.
+const ROW_LANES: usize = 32;
 
+/// `r = e^(scale·r − max(scale·r))` in place, returning the row's sum: a softmax row short of its
+/// normalisation, which the attention kernel applies to the (far smaller) output rows instead.
+/// Two passes (max, then exp and sum) with the vectorised [`exp`]. Subtracting the maximum keeps
+/// every exponent ≤ 0 (no overflow).
 #[inline(always)]
-fn softmax_row(r: &mut [f32], scale: f32) {
-    // The largest scaled value: subtracting it keeps every exponent ≤ 0 (no overflow).
-    let mut lanes = [f32::NEG_INFINITY; LANES];
-    let mut chunks = r.chunks_exact(LANES);
+pub(crate) fn exp_row(r: &mut [f32], scale: f32) -> f32 {
+    // `if x > m` rather than f32::max, whose NaN rule costs a compare and a blend per vector.
+    let larger = |m: f32, x: f32| if x > m { x } else { m };
+    let mut lanes = [f32::NEG_INFINITY; ROW_LANES];
+    let mut chunks = r.chunks_exact(ROW_LANES);
     for chunk in &mut chunks {
         for (l, v) in lanes.iter_mut().zip(chunk) {
-            *l = l.max(v * scale);
+            *l = larger(*l, v * scale);
         }
     }
     let max = chunks.remainder().iter().fold(
-        lanes.iter().fold(f32::NEG_INFINITY, |a, b| a.max(*b)),
-        |a, v| a.max(v * scale),
+        lanes.iter().fold(f32::NEG_INFINITY, |a, b| larger(a, *b)),
+        |a, v| larger(a, v * scale),
     );
-    let mut lanes = [0f32; LANES];
-    let mut chunks = r.chunks_exact_mut(LANES);
+    let mut lanes = [0f32; ROW_LANES];
+    let mut chunks = r.chunks_exact_mut(ROW_LANES);
     for chunk in &mut chunks {
         for (l, v) in lanes.iter_mut().zip(chunk) {
             *v = exp(*v * scale - max);
@@ -244,10 +246,7 @@ fn softmax_row(r: &mut [f32], scale: f32) {
         *v = exp(*v * scale - max);
         tail += *v;
     }
-    let inv = 1.0 / (lanes.iter().sum::<f32>() + tail);
-    for v in r.iter_mut() {
-        *v *= inv;
-    }
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// `e^x` for float32 within 2 ulp on [−87.3, 88.3] (the input is clamped to that range, so the
@@ -367,7 +366,7 @@ mod tests {
     }
 
     #[test]
-    fn softmax_rows_match_the_float64_softmax() {
+    fn exp_row_over_its_sum_is_the_float64_softmax() {
         // Rows of several lengths (shorter than, equal to and longer than the lanes, with a
         // tail), large logits that would overflow a naive exp, and a negative scale.
         for (row, scale) in [(3, 1.0), (8, 0.5), (77, 0.125), (1030, -0.3)] {
@@ -378,7 +377,10 @@ mod tests {
                 })
                 .collect();
             let mut got = xs.clone();
-            softmax_rows(&mut got, row, scale);
+            for r in got.chunks_exact_mut(row) {
+                let inv = 1.0 / exp_row(r, scale);
+                r.iter_mut().for_each(|v| *v *= inv);
+            }
             for (r, (got, xs)) in got.chunks(row).zip(xs.chunks(row)).enumerate() {
                 let scaled: Vec<f64> = xs
                     .iter()

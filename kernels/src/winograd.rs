@@ -209,10 +209,13 @@ pub fn weights(tile: Tile, weight: &[f32], c_out: usize, c_in: usize) -> Vec<f32
     out.par_chunks_mut(points * c_in)
         .zip(weight.par_chunks(c_in * 9))
         .for_each(|(out, weight)| {
-            crate::vectorised(|| match tile {
-                Tile::F2 => weights_of::<4>(weight, c_in, out, weight_f2),
-                Tile::F4 => weights_of::<6>(weight, c_in, out, weight_f4),
-            })
+            crate::vectorised(
+                #[inline(always)]
+                || match tile {
+                    Tile::F2 => weights_of::<4>(weight, c_in, out, weight_f2),
+                    Tile::F4 => weights_of::<6>(weight, c_in, out, weight_f4),
+                },
+            )
         });
     out
 }
@@ -281,14 +284,17 @@ pub fn input(
     out.par_chunks_mut(tile.points() * tiles)
         .enumerate()
         .for_each(|(ci, out)| {
-            crate::vectorised(|| match tile {
-                Tile::F2 => {
-                    input_channel::<4>(geometry, input, c_in, ci, first, rows, out, input_f2)
-                }
-                Tile::F4 => {
-                    input_channel::<6>(geometry, input, c_in, ci, first, rows, out, input_f4)
-                }
-            })
+            crate::vectorised(
+                #[inline(always)]
+                || match tile {
+                    Tile::F2 => {
+                        input_channel::<4>(geometry, input, c_in, ci, first, rows, out, input_f2)
+                    }
+                    Tile::F4 => {
+                        input_channel::<6>(geometry, input, c_in, ci, first, rows, out, input_f4)
+                    }
+                },
+            )
         });
 }
 
@@ -402,14 +408,17 @@ pub fn output(
         .for_each(|(index, out)| {
             let (image, co) = (index / c_out, index % c_out);
             let shift = bias.map_or(0.0, |b| b[co]);
-            crate::vectorised(|| match tile {
-                Tile::F2 => output_plane::<4, 2>(
-                    geometry, product, c_out, image, co, first, rows, shift, out, output_f2,
-                ),
-                Tile::F4 => output_plane::<6, 4>(
-                    geometry, product, c_out, image, co, first, rows, shift, out, output_f4,
-                ),
-            })
+            crate::vectorised(
+                #[inline(always)]
+                || match tile {
+                    Tile::F2 => output_plane::<4, 2>(
+                        geometry, product, c_out, image, co, first, rows, shift, out, output_f2,
+                    ),
+                    Tile::F4 => output_plane::<6, 4>(
+                        geometry, product, c_out, image, co, first, rows, shift, out, output_f4,
+                    ),
+                },
+            )
         });
 }
 

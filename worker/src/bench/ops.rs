@@ -2,7 +2,8 @@
 //! against candle's own ops in one process (no model is loaded; `--repeat` timed runs after one
 //! untimed): GroupNorm(32) + SiLU (`models::norm`) and 3×3 convolutions (`models::conv`) at SD
 //! 1.5's UNet widths for 256² and 512² pictures and the SD VAE decoder's levels at 512², and
-//! attention's scaled softmax (`models::softmax`) on the score blocks SD 1.5 and FLUX build.
+//! attention (`models::attention`, the fused CPU kernel) at SD 1.5's, the SD VAE's and FLUX's
+//! attention shapes against candle's matmul, softmax and matmul over the whole score tensor.
 
 use std::fmt;
 use std::time::Instant;
@@ -11,9 +12,9 @@ use candle_core::{Device, Module, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig};
 
 use crate::error::Result;
+use crate::models::attention::attention;
 use crate::models::conv::{self, Method};
 use crate::models::norm::GroupNorm;
-use crate::models::softmax::scaled_softmax_last_dim;
 
 /// (label, shape) of the inputs: UNet batch 2 (guidance), VAE decode batch 1.
 pub const SHAPES: &[(&str, [usize; 4])] = &[
@@ -28,13 +29,16 @@ pub const SHAPES: &[(&str, [usize; 4])] = &[
     ("vae 512² level 4", [1, 128, 512, 512]),
 ];
 
-/// (label, [batch, heads, query rows, keys]) of one attention score block (at most 64 MiB, as
-/// the models block them): SD 1.5's top-level self-attention (8 heads) with guidance, FLUX's
-/// joint attention (24 heads, 512 text tokens) without.
-pub const SCORE_SHAPES: &[(&str, [usize; 4])] = &[
-    ("unet 256² self-attn", [2, 8, 1024, 1024]),
-    ("unet 512² self-attn", [2, 8, 256, 4096]),
-    ("flux 512² joint attn", [1, 24, 455, 1536]),
+/// (label, [batch, heads, tokens, keys], head_dim) of one attention call: SD 1.5's top-level
+/// self- and cross-attention (8 heads of 40, guidance batch 2), the SD VAE's mid-block attention
+/// at 512² (one head of 512) and FLUX's joint attention at 512² (24 heads of 128, 512 text
+/// tokens + 1024 image tokens).
+pub const ATTENTION_SHAPES: &[(&str, [usize; 4], usize)] = &[
+    ("unet 256² self-attn", [2, 8, 1024, 1024], 40),
+    ("unet 512² self-attn", [2, 8, 4096, 4096], 40),
+    ("unet 512² cross-attn", [2, 8, 4096, 77], 40),
+    ("vae 512² attn", [1, 1, 4096, 4096], 512),
+    ("flux 512² joint", [1, 24, 1536, 1536], 128),
 ];
 
 /// Starts each result line, so a driving script can find them among other output.
@@ -61,7 +65,7 @@ impl fmt::Display for OpsReport {
         writeln!(
             f,
             "float32, CPU, {} threads, mean of {} timed runs (conv: 3x3, padding 1, c_out = c_in; \
-             softmax shapes: batch, heads, query rows, keys)",
+             attention: batch, heads, tokens, keys)",
             self.threads, self.repeat
         )?;
         writeln!(
@@ -171,21 +175,33 @@ pub fn run(repeat: usize) -> Result<OpsReport> {
             });
         }
     }
-    for &(label, shape) in SCORE_SHAPES {
-        let scores = Tensor::randn(0f32, 4.0, &shape[..], &device)?;
-        let scale = 1.0 / 40f64.sqrt();
-        // Ours works in place, so it runs again and again on the same block (the values stay
-        // finite; the speed does not depend on them). candle's allocates its two results.
+    for &(label, shape, head_dim) in ATTENTION_SHAPES {
+        let [b, heads, tokens, keys] = shape;
+        // q as the projections give it, (b, tokens, heads·head_dim) seen as (b, heads, tokens,
+        // head_dim); k and v likewise.
+        let operand = |tokens: usize| -> Result<Tensor> {
+            Ok(
+                Tensor::randn(0f32, 1.0, (b, tokens, heads * head_dim), &device)?
+                    .reshape((b, tokens, heads, head_dim))?
+                    .transpose(1, 2)?,
+            )
+        };
+        let (q, k, v) = (operand(tokens)?, operand(keys)?, operand(keys)?);
+        let scale = 1.0 / (head_dim as f64).sqrt();
         let ours_s = mean_seconds(repeat, &mut || {
-            scaled_softmax_last_dim(scores.clone(), scale)?;
+            attention(&q, &k, &v, scale)?;
             Ok(())
         })?;
         let candle_s = mean_seconds(repeat, &mut || {
-            candle_nn::ops::softmax_last_dim(&(&scores * scale)?)?;
+            let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+            candle_nn::ops::softmax_last_dim(&scores)?
+                .matmul(&v.contiguous()?)?
+                .transpose(1, 2)?
+                .reshape((b, tokens, heads * head_dim))?;
             Ok(())
         })?;
         rows.push(OpRow {
-            op: "scaled_softmax",
+            op: "attention",
             label,
             shape,
             ours_s,

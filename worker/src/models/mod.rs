@@ -10,9 +10,11 @@
 //! unet.rs       the SD 1.x/2.x and SDXL UNet; resnet.rs its resnet and time-embedding blocks
 //! transformer.rs  the UNet's spatial transformer (exact-GELU GEGLU, as diffusers)
 //! norm.rs       GroupNorm (+ SiLU) fused into one op on the CPU in float32
-//! conv.rs       3×3 convolutions as im2col tiles × one gemm on the CPU in float32
+//! conv.rs       3×3 convolutions (im2col or Winograd, chosen per call) on the CPU in float32
+//! attention.rs  scaled dot-product attention for every family: one fused op on the CPU in
+//!               float32 (scores kept in cache), blocked over query rows elsewhere
 //! vae.rs        the VAE (encoder with a seedable latent sample, decoder); vae_blocks.rs its
-//!               blocks, on our resnet (fused GroupNorm + SiLU) and blocked attention
+//!               blocks, on our resnet (fused GroupNorm + SiLU) and the shared attention
 //! vae_tiling.rs tiled VAE encode/decode with overlap blending (diffusers' enable_tiling)
 //! flux/         FLUX.1 transformer (dev, schnell, Fill), latent packing and position ids
 //! t5.rs, t5_tokenizer.rs  FLUX's T5 v1.1 text encoder and its SentencePiece tokenizer
@@ -21,6 +23,7 @@
 //!
 //! Pipelines put the pieces together.
 
+pub mod attention;
 pub mod clip;
 pub mod component;
 pub mod config;
@@ -30,7 +33,6 @@ pub mod norm;
 pub mod pil_resize;
 pub mod redux;
 pub mod resnet;
-pub mod softmax;
 pub mod t5;
 pub mod t5_tokenizer;
 pub mod tokenizer;

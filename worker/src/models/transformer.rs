@@ -11,8 +11,8 @@
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 
+use super::attention::attention;
 use super::norm::{group_norm, GroupNorm};
-use super::softmax::scaled_softmax_last_dim;
 use crate::lora::{conv2d, linear, linear_no_bias, LoraConv2d, LoraLinear};
 
 /// Multi-head attention, self (`context = None`) or cross.
@@ -47,84 +47,30 @@ impl Attention {
         })
     }
 
-    /// (b, t, dim) → (b, heads, t, head_dim), contiguous for the matmuls.
+    /// (b, t, heads·head_dim) → (b, heads, t, head_dim), a view (the attention reads strides).
     fn split_heads(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let (b, t, inner) = xs.dims3()?;
         xs.reshape((b, t, self.heads, inner / self.heads))?
-            .transpose(1, 2)?
-            .contiguous()
+            .transpose(1, 2)
     }
 
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let context = context.unwrap_or(xs);
-        let (b, t, _) = xs.dims3()?;
         let in_dtype = xs.dtype();
         // Scores and softmax in float32 whatever the model dtype (diffusers' upcast_attention),
         // so half-precision models do not overflow on large logits.
-        let q = self
-            .split_heads(&self.to_q.forward(xs)?)?
-            .to_dtype(DType::F32)?;
-        let k = self
-            .split_heads(&self.to_k.forward(context)?)?
-            .to_dtype(DType::F32)?;
-        let v = self
-            .split_heads(&self.to_v.forward(context)?)?
-            .to_dtype(DType::F32)?;
-        let out = blocked_attention(&q, &k, &v, self.scale)?
-            .to_dtype(in_dtype)?
-            .transpose(1, 2)?
-            .reshape((b, t, ()))?;
+        let heads = |proj: &LoraLinear, x: &Tensor| -> candle_core::Result<Tensor> {
+            self.split_heads(&proj.forward(x)?)?.to_dtype(DType::F32)
+        };
+        let out = attention(
+            &heads(&self.to_q, xs)?,
+            &heads(&self.to_k, context)?,
+            &heads(&self.to_v, context)?,
+            self.scale,
+        )?
+        .to_dtype(in_dtype)?;
         self.to_out.forward(&out)
     }
-}
-
-/// Most bytes of float32 scores one block of query rows may take. A whole (b, heads, t, t)
-/// score tensor of SDXL's 64×64 self-attention at 1024² is 1.3 GB (and its softmax as much
-/// again); blocks keep attention's memory bounded whatever the image size, with the same result
-/// row for row.
-// 16 MiB rather than more: glibc serves blocks up to 32 MiB from its heap once freed blocks of
-// that size exist, so the blocks' memory is reused; larger ones are fresh mappings that fault
-// in every page again (2.5 M faults per SD 1.5 512² step at 64 MiB, 0.5 M at 16 MiB).
-const SCORE_BLOCK_BYTES: usize = 16 << 20;
-
-/// softmax(q·kᵀ·scale)·v for (b, heads, tokens, head_dim) float32 tensors, over blocks of query
-/// rows of at most [`SCORE_BLOCK_BYTES`] of scores.
-pub(crate) fn blocked_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    scale: f64,
-) -> candle_core::Result<Tensor> {
-    let (b, heads, _, _) = q.dims4()?;
-    let row_bytes = b * heads * k.dim(2)? * DType::F32.size_in_bytes();
-    attention_in_rows(q, k, v, scale, SCORE_BLOCK_BYTES / row_bytes.max(1))
-}
-
-/// [`blocked_attention`] over blocks of `rows` query rows.
-fn attention_in_rows(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    scale: f64,
-    rows: usize,
-) -> candle_core::Result<Tensor> {
-    let tokens = q.dim(2)?;
-    let rows = rows.clamp(1, tokens.max(1));
-    let kt = k.t()?;
-    let mut blocks = Vec::with_capacity(tokens.div_ceil(rows));
-    let mut start = 0;
-    while start < tokens {
-        let len = rows.min(tokens - start);
-        let scores = q.narrow(2, start, len)?.matmul(&kt)?;
-        blocks.push(scaled_softmax_last_dim(scores, scale)?.matmul(v)?);
-        start += len;
-    }
-    if blocks.len() == 1 {
-        return blocks
-            .pop()
-            .ok_or_else(|| candle_core::Error::Msg("no block".into()));
-    }
-    Tensor::cat(&blocks, 2)
 }
 
 /// GEGLU feed-forward: `Linear(dim → 4·dim·2)`, `hidden * gelu(gate)`, `Linear(4·dim → dim)`.
@@ -267,27 +213,5 @@ impl Transformer2D {
             Projection::Linear(lin) => to_map(&lin.forward(&tokens)?)?,
         };
         out + xs
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::Device;
-
-    #[test]
-    fn attention_in_blocks_of_rows_equals_the_whole() -> candle_core::Result<()> {
-        let d = &Device::Cpu;
-        let q = Tensor::randn(0f32, 1.0, (2, 3, 10, 8), d)?;
-        let k = Tensor::randn(0f32, 1.0, (2, 3, 7, 8), d)?;
-        let v = Tensor::randn(0f32, 1.0, (2, 3, 7, 8), d)?;
-        let whole = attention_in_rows(&q, &k, &v, 0.35, usize::MAX)?;
-        for rows in [1, 3, 4, 9] {
-            let blocked = attention_in_rows(&q, &k, &v, 0.35, rows)?;
-            let diff = (&blocked - &whole)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(diff < 1e-6, "{rows} rows: {diff}");
-        }
-        assert_eq!(whole.dims(), &[2, 3, 10, 8]);
-        Ok(())
     }
 }

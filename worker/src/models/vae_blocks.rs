@@ -8,9 +8,9 @@
 use candle_core::{Module, Tensor, D};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
+use super::attention::attention;
 use super::norm::{group_norm, GroupNorm};
 use super::resnet::{ResnetBlock2D, ResnetConfig};
-use super::transformer::blocked_attention;
 use crate::lora::{conv2d, linear, LoraConv2d, LoraLinear};
 
 /// Group count and epsilon of every norm in a VAE.
@@ -229,9 +229,7 @@ impl Module for PixelAttention {
         let k = heads(self.to_k.forward(&tokens)?)?;
         let v = heads(self.to_v.forward(&tokens)?)?;
         let scale = (self.channels as f64).powf(-0.5);
-        let out = blocked_attention(&q, &k, &v, scale)?
-            .squeeze(1)?
-            .to_dtype(in_dtype)?;
+        let out = attention(&q, &k, &v, scale)?.to_dtype(in_dtype)?;
         let out = self
             .to_out
             .forward(&out)?

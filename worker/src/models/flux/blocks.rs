@@ -15,7 +15,7 @@
 use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 
-use super::attention::{apply_rope, attention, merge_heads, split_heads, Rope};
+use super::attention::{apply_rope, joint_attention, split_heads, Rope};
 use super::layers::{chunks, layer_norm, linear, modulate, Linear, RmsNorm};
 
 /// LayerNorm epsilon of every norm in the blocks.
@@ -167,7 +167,7 @@ impl DoubleBlock {
         let q = apply_rope(&Tensor::cat(&[tq, iq], 2)?, rope)?;
         let k = apply_rope(&Tensor::cat(&[tk, ik], 2)?, rope)?;
         let v = Tensor::cat(&[tv, iv], 2)?;
-        let joint = merge_heads(&attention(&q, &k, &v)?)?;
+        let joint = joint_attention(&q, &k, &v)?;
         let text_len = txt.dim(1)?;
         let txt_attn = self.to_add_out.forward(&joint.narrow(1, 0, text_len)?)?;
         let img_attn = self
@@ -219,11 +219,7 @@ impl SingleBlock {
         let normed = modulate(&layer_norm(xs, NORM_EPS)?, &m[0], &m[1])?;
         let mlp = self.proj_mlp.forward(&normed)?.gelu()?;
         let [q, k, v] = self.qkv.forward(&normed, self.heads)?;
-        let attn = merge_heads(&attention(
-            &apply_rope(&q, rope)?,
-            &apply_rope(&k, rope)?,
-            &v,
-        )?)?;
+        let attn = joint_attention(&apply_rope(&q, rope)?, &apply_rope(&k, rope)?, &v)?;
         let out = self.proj_out.forward(&Tensor::cat(&[attn, mlp], 2)?)?;
         clip_f16(gated_add(xs, &m[2], &out)?)
     }
