@@ -293,3 +293,45 @@ fn sigterm_with_no_grace_cancels_a_long_request_and_exits_0() -> Result<()> {
     );
     Ok(())
 }
+
+/// `generate --out` without an image extension is refused by name before the model loads (it
+/// used to run the whole generation and then fail as an internal error), and a `.png` works.
+#[test]
+fn generate_refuses_an_out_file_without_an_image_extension() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = write_tiny_config(dir.path(), json!({}))?;
+    let run = |out: &str| {
+        Command::new(binary("fastfusion-worker")?)
+            .args(["--log-level", "error", "generate", "--config"])
+            .arg(&config)
+            .args([
+                "--prompt",
+                "a red cube",
+                "--steps",
+                "2",
+                "--size",
+                "64x64",
+                "--out",
+            ])
+            .arg(dir.path().join(out))
+            .output()
+            .context("running fastfusion-worker generate")
+    };
+    let refused = run("picture")?;
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    ensure!(!refused.status.success(), "exited with {}", refused.status);
+    ensure!(
+        stderr.contains("invalid value for 'out'") && stderr.contains("no image extension"),
+        "{stderr}"
+    );
+    ensure!(!dir.path().join("picture").exists());
+    let made = run("picture.png")?;
+    ensure!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let image = image::open(dir.path().join("picture.png"))?;
+    ensure!((image.width(), image.height()) == (64, 64));
+    Ok(())
+}

@@ -110,6 +110,7 @@ struct GenerateArgs {
     /// Images to make; FILE-1.png, FILE-2.png... when more than one.
     #[arg(long, default_value_t = 1)]
     n: usize,
+    /// The picture's file; its extension (.png, .jpg, .webp) picks the format.
     #[arg(long)]
     out: PathBuf,
 }
@@ -338,6 +339,16 @@ fn parse_size(size: &str) -> Result<(usize, usize)> {
 }
 
 fn generate(args: GenerateArgs) -> Result<()> {
+    // Checked before the model loads: the format comes from the file name.
+    if image::ImageFormat::from_path(&args.out).is_err() {
+        return Err(WorkerError::invalid(
+            "out",
+            format!(
+                "'{}' has no image extension (.png, .jpg or .webp)",
+                args.out.display()
+            ),
+        ));
+    }
     let (config, base_dir) = load_source(&args.source)?;
     let backend = startup::load_backend(&config, base_dir.as_deref())?;
     let model = backend.description();
