@@ -54,7 +54,6 @@ pub fn rows_per_task(batch: usize, q_tokens: usize, kv_tokens: usize) -> usize {
 /// `out[b, t, h, :] = softmax(scale · q[b, h, t, :]·k[b, h, :, :]ᵀ) · v[b, h, :, :]`, with `out`
 /// a contiguous (batch, q_tokens, heads, head_dim) buffer. `rows`: query rows per task
 /// ([`rows_per_task`] unless testing). Panics if an operand does not fit its slice.
-#[allow(clippy::too_many_arguments)]
 pub fn attention(
     q: (&[f32], Strides),
     k: (&[f32], Strides),
@@ -74,6 +73,11 @@ pub fn attention(
     let width = heads * d;
     assert_eq!(out.len(), batch * q_tokens * width, "attention output size");
     if out.is_empty() {
+        return;
+    }
+    if kv_tokens == 0 {
+        // Nothing to attend to: zeros (an empty operand's strides would point past its data).
+        out.fill(0.0);
         return;
     }
     let rows = rows.max(1);
@@ -124,22 +128,15 @@ fn head(
 ) {
     let (d, n, width) = (spec.head_dim, spec.kv_tokens, spec.heads * spec.head_dim);
     let at = |x: Strides| b * x.batch + h * x.head;
-    // scores = scale · q_block · kᵀ, kᵀ read through k's strides.
+    // scores = scale · q_block · kᵀ, kᵀ read through k's strides (a key per column).
     matmul(
-        MatMut {
-            data: scores,
-            rows: rows.len,
-            cols: n,
-            row_stride: n,
-            col_stride: 1,
-        },
-        Mat {
-            data: &q.0[at(q.1) + rows.start * q.1.token..],
-            rows: rows.len,
-            cols: d,
-            row_stride: q.1.token,
-            col_stride: 1,
-        },
+        MatMut::rows(scores, rows.len, n, n),
+        Mat::rows(
+            &q.0[at(q.1) + rows.start * q.1.token..],
+            rows.len,
+            d,
+            q.1.token,
+        ),
         Mat {
             data: &k.0[at(k.1)..],
             rows: d,
@@ -149,45 +146,22 @@ fn head(
         },
         spec.scale,
     );
-    if n == 0 {
-        // No keys: the products below are zeros, left unnormalised.
-        sums.fill(1.0);
-    } else {
-        // Dispatched on its own (and forced inline into pulp's wrapper) so that the loops are
-        // compiled at the CPU's vector width.
-        vectorised(
-            #[inline(always)]
-            || {
-                for (row, sum) in scores.chunks_exact_mut(n).zip(sums.iter_mut()) {
-                    *sum = exp_row(row, 1.0);
-                }
-            },
-        );
-    }
+    // Dispatched on its own (and forced inline into pulp's wrapper) so that the loops are
+    // compiled at the CPU's vector width.
+    vectorised(
+        #[inline(always)]
+        || {
+            for (row, sum) in scores.chunks_exact_mut(n).zip(sums.iter_mut()) {
+                *sum = exp_row(row, 1.0);
+            }
+        },
+    );
     // out = e^scores · v, then each row divided by its sum: d values a row instead of n.
     let out = &mut out[h * d..];
     matmul(
-        MatMut {
-            data: out,
-            rows: rows.len,
-            cols: d,
-            row_stride: width,
-            col_stride: 1,
-        },
-        Mat {
-            data: scores,
-            rows: rows.len,
-            cols: n,
-            row_stride: n,
-            col_stride: 1,
-        },
-        Mat {
-            data: &v.0[at(v.1)..],
-            rows: n,
-            cols: d,
-            row_stride: v.1.token,
-            col_stride: 1,
-        },
+        MatMut::rows(out, rows.len, d, width),
+        Mat::rows(scores, rows.len, n, n),
+        Mat::rows(&v.0[at(v.1)..], n, d, v.1.token),
         1.0,
     );
     for (t, sum) in sums.iter().enumerate() {
@@ -325,6 +299,27 @@ mod tests {
                 "{g} vs {w}"
             );
         }
+    }
+
+    #[test]
+    fn no_keys_give_zeros() {
+        let spec = AttentionSpec {
+            batch: 1,
+            heads: 2,
+            head_dim: 4,
+            q_tokens: 3,
+            kv_tokens: 0,
+            scale: 1.0,
+        };
+        let s = Strides {
+            batch: 0,
+            head: 4,
+            token: 8,
+        };
+        let q = values(24, 7);
+        let mut out = vec![f32::NAN; 24];
+        attention((&q, s), (&[], s), (&[], s), &mut out, &spec, 2);
+        assert_eq!(out, vec![0f32; 24]);
     }
 
     #[test]

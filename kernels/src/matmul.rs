@@ -27,6 +27,32 @@ pub struct MatMut<'a> {
     pub col_stride: usize,
 }
 
+impl<'a> Mat<'a> {
+    /// Rows `row_stride` apart, each row's elements adjacent.
+    pub fn rows(data: &'a [f32], rows: usize, cols: usize, row_stride: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            row_stride,
+            col_stride: 1,
+        }
+    }
+}
+
+impl<'a> MatMut<'a> {
+    /// Rows `row_stride` apart, each row's elements adjacent.
+    pub fn rows(data: &'a mut [f32], rows: usize, cols: usize, row_stride: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            row_stride,
+            col_stride: 1,
+        }
+    }
+}
+
 /// Whether every element (i, j), i < rows, j < cols, at `i·rs + j·cs` is below `len`, with
 /// strides small enough for `isize`.
 fn fits(len: usize, rows: usize, cols: usize, rs: usize, cs: usize) -> bool {

@@ -66,8 +66,8 @@ fn blocked(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, rows: usize) -> Resul
     let mut start = 0;
     while start < tokens {
         let len = rows.min(tokens - start);
+        // The scaled copy of the block is contiguous, as the matmul wants it.
         let scores = (q.narrow(2, start, len)? * scale)?
-            .contiguous()?
             .matmul(&kt)?
             .to_dtype(DType::F32)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
@@ -199,13 +199,19 @@ mod tests {
     }
 
     #[test]
-    fn mismatched_shapes_are_an_error() -> Result<()> {
+    fn mismatched_shapes_are_an_error_and_no_keys_give_zeros() -> Result<()> {
         let dev = &Device::Cpu;
         let q = Tensor::zeros((1, 2, 4, 8), DType::F32, dev)?;
         let k = Tensor::zeros((1, 2, 5, 8), DType::F32, dev)?;
         let v = Tensor::zeros((1, 2, 6, 8), DType::F32, dev)?;
         let err = attention(&q, &k, &v, 1.0).err().map(|e| e.to_string());
         assert!(err.is_some_and(|e| e.contains("do not match")));
+        // No keys at all (an empty context) is zeros, not a panic in the kernel.
+        let q = Tensor::ones((1, 2, 4, 8), DType::F32, dev)?;
+        let none = Tensor::zeros((1, 2, 0, 8), DType::F32, dev)?;
+        let out = attention(&q, &none, &none, 1.0)?;
+        assert_eq!(out.dims(), &[1, 4, 16]);
+        assert_eq!(out.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
         Ok(())
     }
 }
