@@ -1,6 +1,6 @@
 //! CPU kernels on plain `f32` slices for the worker's hot paths, where candle's generic ops
 //! cost many memory passes (../shared/PERF-NOTES.md §2). The worker wraps them in candle custom
-//! ops (`fastfusion_worker::models::{norm, conv, attention}`). This crate is built with
+//! ops (`fastfusion_worker::models::{norm, conv, attention, geglu}`). This crate is built with
 //! optimisations even in debug and test builds (the workspace's
 //! `profile.dev.package.fastfusion-kernels`), since its loops are only fast once vectorised.
 //! Safe Rust except for one module, [`matmul`], the bounds-checked front for the `gemm` crate's
@@ -9,6 +9,7 @@
 use rayon::prelude::*;
 
 pub mod attention;
+pub mod geglu;
 pub mod matmul;
 pub mod winograd;
 

@@ -42,6 +42,8 @@ pub struct UNetReport {
     pub parameters: usize,
     pub repeat: usize,
     pub row: BlockRow,
+    /// Winograd-transformed conv weights kept by the layers (made in the untimed pass).
+    pub cached_weight_bytes: usize,
 }
 
 impl fmt::Display for UNetReport {
@@ -55,6 +57,11 @@ impl fmt::Display for UNetReport {
             self.height,
             self.parameters as f64 / 1e9,
             self.repeat
+        )?;
+        writeln!(
+            f,
+            "Winograd weights kept by the convolutions: {:.0} MiB",
+            self.cached_weight_bytes as f64 / f64::from(1 << 20)
         )?;
         self.row
             .write_figures(f, "pass", MARKER, (self.width, self.height))
@@ -134,5 +141,6 @@ pub fn run(
         parameters,
         repeat,
         row,
+        cached_weight_bytes: crate::models::conv::cached_bytes(),
     })
 }

@@ -29,6 +29,8 @@ pub struct VaeReport {
     pub height: usize,
     pub repeat: usize,
     pub row: BlockRow,
+    /// Winograd-transformed conv weights kept by the layers (made in the untimed pass).
+    pub cached_weight_bytes: usize,
 }
 
 impl fmt::Display for VaeReport {
@@ -37,6 +39,11 @@ impl fmt::Display for VaeReport {
             f,
             "VAE decode · device {} · dtype {:?} · {}x{} · batch 1 · {} timed runs",
             self.device, self.dtype, self.width, self.height, self.repeat
+        )?;
+        writeln!(
+            f,
+            "Winograd weights kept by the convolutions: {:.0} MiB",
+            self.cached_weight_bytes as f64 / f64::from(1 << 20)
         )?;
         self.row
             .write_figures(f, "decode", MARKER, (self.width, self.height))
@@ -88,5 +95,6 @@ pub fn run(
         height: settings.height,
         repeat,
         row,
+        cached_weight_bytes: crate::models::conv::cached_bytes(),
     })
 }

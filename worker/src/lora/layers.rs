@@ -16,6 +16,7 @@ use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
 
 use super::bank::{ActiveWeights, ComponentLoras};
 use super::names::{Naming, Slice};
+use crate::models::conv::Conv;
 
 /// One adapter's low-rank path through one layer.
 #[derive(Debug, Clone)]
@@ -104,13 +105,13 @@ impl Module for LoraLinear {
 /// `nn.Conv2d` that adapters (LoCon, PEFT conv LoRAs) can reach.
 #[derive(Debug, Clone)]
 pub struct LoraConv2d {
-    base: Conv2d,
+    base: Conv,
     deltas: Option<Deltas>,
 }
 
 impl Module for LoraConv2d {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let ys = crate::models::conv::forward(&self.base, xs)?;
+        let ys = self.base.forward(xs)?;
         match &self.deltas {
             Some(deltas) => deltas.add(xs, ys),
             None => Ok(ys),
@@ -322,7 +323,13 @@ pub fn conv2d(
     vb: VarBuilder,
 ) -> candle_core::Result<LoraConv2d> {
     let path = vb.prefix();
-    let base = candle_nn::conv2d(in_channels, out_channels, kernel, config, vb)?;
+    let base = Conv::new(candle_nn::conv2d(
+        in_channels,
+        out_channels,
+        kernel,
+        config,
+        vb,
+    )?);
     let parts = take_parts(&path, in_channels, out_channels, Some((kernel, config)))?;
     Ok(LoraConv2d {
         base,

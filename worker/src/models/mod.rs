@@ -29,6 +29,7 @@ pub mod component;
 pub mod config;
 pub mod conv;
 pub mod flux;
+pub mod geglu;
 pub mod norm;
 pub mod pil_resize;
 pub mod redux;

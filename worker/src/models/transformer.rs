@@ -8,10 +8,11 @@
 //! Ours rather than candle's because candle's feed-forward uses the tanh approximation of GELU
 //! where diffusers' GEGLU uses the exact (erf) one; the difference is visible in the latents.
 
-use candle_core::{DType, Module, Tensor, D};
+use candle_core::{DType, Module, Tensor};
 use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 
 use super::attention::attention;
+use super::geglu::geglu;
 use super::norm::{group_norm, GroupNorm};
 use crate::lora::{conv2d, linear, linear_no_bias, LoraConv2d, LoraLinear};
 
@@ -90,9 +91,7 @@ impl FeedForward {
     }
 
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let projected = self.proj_in.forward(xs)?;
-        let halves = projected.chunk(2, D::Minus1)?;
-        let gated = (&halves[0] * halves[1].gelu_erf()?)?;
+        let gated = geglu(&self.proj_in.forward(xs)?)?;
         self.proj_out.forward(&gated)
     }
 }

@@ -20,7 +20,7 @@ use candle_core::{DType, Module, Tensor};
 use candle_nn as nn;
 use candle_transformers::models::stable_diffusion::vae::AutoEncoderKLConfig;
 
-use crate::models::conv;
+use crate::models::conv::Conv;
 use crate::models::norm::{group_norm, GroupNorm};
 use crate::models::vae_blocks::{DownEncoderBlock, MidBlock, UpDecoderBlock, VaeNorm};
 use crate::models::vae_tiling::TileSizes;
@@ -161,12 +161,18 @@ fn conv3x3(
     in_channels: usize,
     out_channels: usize,
     vb: nn::VarBuilder,
-) -> candle_core::Result<nn::Conv2d> {
+) -> candle_core::Result<Conv> {
     let cfg = nn::Conv2dConfig {
         padding: 1,
         ..Default::default()
     };
-    nn::conv2d(in_channels, out_channels, 3, cfg, vb)
+    Ok(Conv::new(nn::conv2d(
+        in_channels,
+        out_channels,
+        3,
+        cfg,
+        vb,
+    )?))
 }
 
 fn norm(config: &AutoEncoderKLConfig) -> VaeNorm {
@@ -187,11 +193,11 @@ fn widest(config: &AutoEncoderKLConfig) -> candle_core::Result<usize> {
 
 #[derive(Debug)]
 struct Encoder {
-    conv_in: nn::Conv2d,
+    conv_in: Conv,
     down_blocks: Vec<DownEncoderBlock>,
     mid_block: MidBlock,
     conv_norm_out: GroupNorm,
-    conv_out: nn::Conv2d,
+    conv_out: Conv,
 }
 
 impl Encoder {
@@ -233,23 +239,23 @@ impl Encoder {
     }
 
     fn forward(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
-        let mut xs = conv::forward(&self.conv_in, pixels)?;
+        let mut xs = self.conv_in.forward(pixels)?;
         for block in &self.down_blocks {
             xs = block.forward(&xs)?;
         }
         let xs = self.mid_block.forward(&xs)?;
         let xs = self.conv_norm_out.forward_silu(&xs)?;
-        conv::forward(&self.conv_out, &xs)
+        self.conv_out.forward(&xs)
     }
 }
 
 #[derive(Debug)]
 struct Decoder {
-    conv_in: nn::Conv2d,
+    conv_in: Conv,
     mid_block: MidBlock,
     up_blocks: Vec<UpDecoderBlock>,
     conv_norm_out: GroupNorm,
-    conv_out: nn::Conv2d,
+    conv_out: Conv,
 }
 
 impl Decoder {
@@ -290,13 +296,11 @@ impl Decoder {
     }
 
     fn forward(&self, latents: &Tensor) -> candle_core::Result<Tensor> {
-        let mut xs = self
-            .mid_block
-            .forward(&conv::forward(&self.conv_in, latents)?)?;
+        let mut xs = self.mid_block.forward(&self.conv_in.forward(latents)?)?;
         for block in &self.up_blocks {
             xs = block.forward(&xs)?;
         }
         let xs = self.conv_norm_out.forward_silu(&xs)?;
-        conv::forward(&self.conv_out, &xs)
+        self.conv_out.forward(&xs)
     }
 }
