@@ -181,20 +181,35 @@ impl WeightCache {
         c_out: usize,
         c_in: usize,
     ) -> Option<Arc<CpuStorage>> {
-        // A poisoned lock (a panic in another call's transform) only means this layer's cache is
+        // A poisoned lock (a panic while another call held it) only means this layer's cache is
         // unusable: fall back to the per-call transform.
-        let mut tiles = self.tiles.lock().ok()?;
-        if let Some(cached) = &tiles[slot(tile)] {
+        if let Some(cached) = &self.tiles.lock().ok()?[slot(tile)] {
             return Some(cached.clone());
         }
-        if !reserve(4 * tile.points() * c_out * c_in) {
+        let bytes = 4 * tile.points() * c_out * c_in;
+        if !reserve(bytes) {
             return None;
         }
+        // Made without the lock held: the transform runs on rayon, whose threads may take up
+        // other work while they wait, and no such work may find this lock taken.
         let made = Arc::new(CpuStorage::F32(winograd::weights(
             tile, weight, c_out, c_in,
         )));
-        tiles[slot(tile)] = Some(made.clone());
-        Some(made)
+        let Ok(mut tiles) = self.tiles.lock() else {
+            CACHED_BYTES.fetch_sub(bytes, Ordering::Relaxed);
+            return Some(made);
+        };
+        match &tiles[slot(tile)] {
+            // Another call made them meanwhile: keep one copy.
+            Some(first) => {
+                CACHED_BYTES.fetch_sub(bytes, Ordering::Relaxed);
+                Some(first.clone())
+            }
+            None => {
+                tiles[slot(tile)] = Some(made.clone());
+                Some(made)
+            }
+        }
     }
 }
 
