@@ -137,6 +137,16 @@ impl BlockRow {
     }
 }
 
+/// "Winograd weights kept by the convolutions: … MiB" (`conv::cached_bytes`, read after the
+/// passes), for the UNet and VAE reports.
+pub(super) fn write_kept_weights(f: &mut fmt::Formatter<'_>, bytes: usize) -> fmt::Result {
+    writeln!(
+        f,
+        "Winograd weights kept by the convolutions: {:.0} MiB",
+        bytes as f64 / f64::from(1 << 20)
+    )
+}
+
 /// A /proc/self/status value in KiB (Linux).
 fn status_kib(key: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -58,11 +58,7 @@ impl fmt::Display for UNetReport {
             self.parameters as f64 / 1e9,
             self.repeat
         )?;
-        writeln!(
-            f,
-            "Winograd weights kept by the convolutions: {:.0} MiB",
-            self.cached_weight_bytes as f64 / f64::from(1 << 20)
-        )?;
+        super::flux_blocks::write_kept_weights(f, self.cached_weight_bytes)?;
         self.row
             .write_figures(f, "pass", MARKER, (self.width, self.height))
     }

@@ -40,11 +40,7 @@ impl fmt::Display for VaeReport {
             "VAE decode · device {} · dtype {:?} · {}x{} · batch 1 · {} timed runs",
             self.device, self.dtype, self.width, self.height, self.repeat
         )?;
-        writeln!(
-            f,
-            "Winograd weights kept by the convolutions: {:.0} MiB",
-            self.cached_weight_bytes as f64 / f64::from(1 << 20)
-        )?;
+        super::flux_blocks::write_kept_weights(f, self.cached_weight_bytes)?;
         self.row
             .write_figures(f, "decode", MARKER, (self.width, self.height))
     }

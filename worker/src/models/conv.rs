@@ -106,7 +106,7 @@ pub enum Room {
     /// Not kept, and the budget has room for them.
     Fits,
     /// Not kept, and no room.
-    None,
+    Full,
 }
 
 /// Bytes of transformed weights cached by all layers of the process.
@@ -163,7 +163,7 @@ impl WeightCache {
         } else if cached_bytes().saturating_add(4 * values) <= cache_budget() {
             Room::Fits
         } else {
-            Room::None
+            Room::Full
         }
     }
 
@@ -442,7 +442,7 @@ impl Method {
                 let keep = match room(tile) {
                     Room::Held => true,
                     Room::Fits => cost.weights >= KEEP_SHARE * (cost.per_call + cost.weights),
-                    Room::None => false,
+                    Room::Full => false,
                 };
                 let transform = if keep { 0.0 } else { cost.weights };
                 (Method::Winograd(tile), keep, cost.per_call + transform)
@@ -784,6 +784,34 @@ mod tests {
     }
 
     #[test]
+    fn a_models_layer_keeps_weights_only_where_the_rule_says() -> Result<()> {
+        // Through `Conv::forward`, the path the models take, with the machine's own rates: SD
+        // 1.5's 2×640×32² level is Winograd with its transform a third or more of the call on
+        // both rate sets (kept); a VAE-like 128×128² map is Winograd with the transform a few
+        // percent of it (not kept). Both equal candle's conv.
+        let cfg = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        for ((b, c, h, w), kept) in [((2, 640, 32, 32), true), ((1, 128, 128, 128), false)] {
+            let xs = draws((b, c, h, w), 7, 1.0)?;
+            let weight = draws((c, c, 3, 3), 8, 0.02)?;
+            let candle = Conv2d::new(weight, None, cfg);
+            let want = candle.forward(&xs)?;
+            let layer = Conv::new(candle);
+            let Method::Winograd(tile) = layer.method((b, c, h, w)) else {
+                panic!("{c}×{h}² is not a Winograd shape by the cost model");
+            };
+            let got = layer.forward(&xs)?;
+            assert_eq!(layer.cache.has(tile), kept, "{c}×{h}²");
+            let scale: f32 = want.abs()?.flatten_all()?.max(0)?.to_scalar()?;
+            let diff: f32 = (got - &want)?.abs()?.flatten_all()?.max(0)?.to_scalar()?;
+            assert!(diff <= 3e-5 * scale.max(1.0), "{c}×{h}²: differs by {diff}");
+        }
+        Ok(())
+    }
+
+    #[test]
     fn the_budget_is_never_overdrawn() {
         let used = AtomicUsize::new(0);
         assert!(reserve_in(&used, 600, 1000));
@@ -809,7 +837,7 @@ mod tests {
             );
             // No room: as without a cache.
             assert_eq!(
-                Method::cheapest_cached(rates, b, c, c, h, w, |_| Room::None),
+                Method::cheapest_cached(rates, b, c, c, h, w, |_| Room::Full),
                 (Method::cheapest(rates, b, c, c, h, w), false)
             );
             // Caching never turns im2col into Winograd.
@@ -834,7 +862,7 @@ mod tests {
             if tile == Tile::F2 {
                 Room::Fits
             } else {
-                Room::None
+                Room::Full
             }
         };
         assert_eq!(
